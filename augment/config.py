@@ -1,0 +1,106 @@
+"""Hydra configuration: the config tree, composition, and the only caller of ``instantiate``.
+
+The tree lives at the repository root in ``configs/`` and ships inside the package as
+``augment/configs`` (see ``pyproject.toml``), so editable and non-editable installs find it. It is
+always loaded by absolute path: a relative ``config_path`` breaks under a console script.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as _hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from augment.errors import UserError
+
+PRIMARY = "augment"
+ALLOWED_TARGET_PREFIXES = ("generators.", "classifiers.", "timm.", "torch.")
+
+
+def config_dir() -> Path:
+    """Absolute path of the config tree (installed package first, then the source checkout)."""
+    try:
+        path = Path(str(importlib.resources.files("augment.configs")))
+        if (path / f"{PRIMARY}.yaml").is_file():
+            return path.resolve()
+    except (ModuleNotFoundError, TypeError):
+        pass
+    path = Path(__file__).resolve().parents[1] / "configs"
+    if (path / f"{PRIMARY}.yaml").is_file():
+        return path
+    raise UserError("the augment config tree was not found; reinstall the package with `pip install .`")
+
+
+def group_options(group: str) -> list[str]:
+    """Names of the options of a config group (``data`` -> ``["chexpert", "folder", ...]``)."""
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose the primary config with Hydra overrides; bad overrides become one-line UserErrors."""
+    overrides = list(overrides)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        group = key.lstrip("+~")
+        if group in {"data", "generator", "translator", "classifier", "runtime", "search", "experiment"} and value:
+            options = group_options(group)
+            if "," not in value and value not in options and value != "null":
+                raise UserError(f"unknown {group} '{value}': choose one of {', '.join(options)} ({group}=<name>)")
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="augment"):
+            cfg = _hydra_compose(config_name=PRIMARY, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"bad configuration override: {first} (see `augment --help` for the syntax key=value)") from None
+    return cfg
+
+
+def to_dict(cfg: DictConfig | dict) -> dict[str, Any]:
+    """Resolved plain-dict copy of a config node (safe to send to Ray workers or store in checkpoints)."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def check_targets(node: Any) -> None:
+    """Refuse any ``_target_`` outside our packages, timm and torch (a config can run code)."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None and not str(target).startswith(ALLOWED_TARGET_PREFIXES):
+            raise UserError(
+                f"refusing to instantiate '{target}': configs may only target "
+                f"{', '.join(p + '*' for p in ALLOWED_TARGET_PREFIXES)}"
+            )
+        for value in node.values():
+            check_targets(value)
+    elif isinstance(node, list):
+        for value in node:
+            check_targets(value)
+
+
+def build(node: DictConfig | dict, **kwargs: Any) -> Any:
+    """Instantiate a config node; extra keyword arguments are given at the call site.
+
+    The only caller of ``hydra.utils.instantiate`` in the project.
+    """
+    check_targets(node)
+    if isinstance(node, dict):
+        node = OmegaConf.create(node)
+    return instantiate(node, _convert_="all", **kwargs)
+
+
+def save_config(cfg: DictConfig | dict, path: Path) -> None:
+    """Write the resolved config as YAML."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
