@@ -13,6 +13,7 @@ import argparse
 import datetime as _dt
 import importlib
 import logging
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -115,9 +116,15 @@ def run_command(name: str, overrides: Sequence[str]) -> dict:
     cmd = COMMANDS[name]
     cfg = compose(overrides)
     out = output_dir(cfg.get("out"), name)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    metrics = resolve_target(cmd.target)(cfg, out)
+    try:
+        save_config(cfg, out / "config.yaml")
+        metrics = resolve_target(cmd.target)(cfg, out)
+    except (UserError, KeyboardInterrupt):
+        if created:  # refused or interrupted before anything useful: leave no trace
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     metrics = {"command": name, **(metrics or {})}
     write_json(out / "metrics.json", metrics)
     print(f"wrote {out / 'metrics.json'} and {out / 'config.yaml'}")

@@ -23,6 +23,7 @@ def resolve_classes(spec: Sequence[str] | str | None, table: DataTable | None = 
     """Canonical class list from the config/CLI; checks the data labels them.
 
     Empty ``spec`` means every class the data has positives for (``No Finding`` excluded).
+    Without ``table`` only the names are checked (call it before slow work).
     """
     try:
         classes = parse_classes(spec)
@@ -30,6 +31,8 @@ def resolve_classes(spec: Sequence[str] | str | None, table: DataTable | None = 
         raise UserError(str(exc)) from None
     if not allow_no_finding:
         classes = [c for c in classes if c != NO_FINDING]
+    if table is None:
+        return classes
     if table is not None:
         present = table.labelled_classes()
         if not classes:

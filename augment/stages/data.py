@@ -59,6 +59,7 @@ def sample_grid(table: DataTable, classes: list[str], path: Path, *, per_class: 
 
 def show(cfg: DictConfig, out: Path) -> dict:
     """Per-class counts per split, printed as a table, and a sample grid PNG."""
+    resolve_classes(cfg.classes)  # names first: a typo fails before any data is read
     table = load_table(cfg.data, show_progress=cfg.progress)
     classes = resolve_classes(cfg.classes, table)
     counts = table.counts(classes + ([NO_FINDING] if NO_FINDING in table.labelled_classes() else []))
