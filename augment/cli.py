@@ -41,6 +41,15 @@ COMMANDS: dict[str, Command] = {
     "data show": Command("data show", "augment.stages.data:show",
                          "per-class counts per split and a sample grid PNG with masks overlaid", [CLASSES_FLAG]),
     "data prepare": Command("data prepare", "augment.stages.data:prepare", "decode and resize a data source into the cache"),
+    "classify": Command("classify", "augment.stages.classify:classify",
+                        "train timm classifiers on real (+ synthetic) data; per-class test AUC over seeds", [
+        CLASSES_FLAG,
+        (("--synthetic",), {"nargs": "+", "metavar": "DIR", "help": "synthetic dataset folder(s) to mix with the real data"},
+         "classify.synthetic=[{}]"),
+        (("--seeds",), {"help": "comma-separated seeds (0,1,2): one model each, mean and spread reported"}, "classify.seeds=[{}]"),
+        (("--threshold",), {"type": float, "help": "pseudo-label threshold t on the synthetic p_<class> columns"},
+         "classify.threshold={}"),
+    ]),
 }
 
 
@@ -80,6 +89,8 @@ def to_overrides(ns: argparse.Namespace, cmd: Command) -> list[str]:
         value = getattr(ns, dest, None)
         if template is None or value is None or value is False:
             continue
+        if isinstance(value, list):  # paths may hold characters Hydra's grammar reserves: quote them
+            value = ",".join("'" + str(v).replace("'", "\\'") + "'" for v in value)
         out.append(template.format(value))
     if ns.out:
         out.append(f"out={ns.out}")

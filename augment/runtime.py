@@ -1,0 +1,156 @@
+"""Ray runtime: the only module that imports ray.
+
+Work units are plain functions ``fn(payload: dict) -> dict`` named by import path
+(``"augment.stages.train:train_one"``) and given a resolved, plain-dict payload: ``${...}``
+interpolations do not resolve inside a worker, so configs are resolved on the driver. A
+:class:`Worker` is a plain class (tested without Ray); Ray wraps it as an actor with one GPU when
+CUDA is present (fractional by ``runtime.gpus_per_worker``), none otherwise.
+
+``runtime=local`` starts Ray on this machine, ``runtime=cluster`` connects to an existing cluster
+(``runtime.address=auto`` or ``ray://host:10001``), ``runtime=inline`` runs everything in this
+process without Ray. ``ray.init`` happens only inside a command, never on import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def resolve(target: str) -> Callable[[dict], Any]:
+    module, _, fn = target.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+class Worker:
+    """Runs one work unit; Ray makes it an actor, ``runtime=inline`` calls it directly."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def run(self, payload: dict) -> Any:
+        return resolve(self.target)(payload)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _get(cfg: Mapping[str, Any] | None, key: str, default: Any = None) -> Any:
+    if cfg is None:
+        return default
+    value = cfg.get(key, default)
+    return default if value is None else value
+
+
+def gpus_per_worker(runtime: Mapping[str, Any] | None) -> float:
+    """GPUs each actor asks for: ``runtime.gpus_per_worker`` when CUDA is present, else 0."""
+    import torch
+
+    return float(_get(runtime, "gpus_per_worker", 1.0)) if torch.cuda.is_available() else 0.0
+
+
+def is_inline(runtime: Mapping[str, Any] | None) -> bool:
+    return _get(runtime, "name", "local") == "inline"
+
+
+def init(runtime: Mapping[str, Any] | None) -> None:
+    """Start or connect to Ray for ``runtime=local|cluster`` (no-op for inline or when running)."""
+    if is_inline(runtime):
+        return
+    import ray
+
+    from augment.errors import UserError
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "logging_level": logging.WARNING}
+    if _get(runtime, "name") == "cluster":
+        kwargs["address"] = _get(runtime, "address", "auto")
+    else:
+        kwargs["num_cpus"] = int(_get(runtime, "num_cpus", os.cpu_count() or 1))
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot start or reach Ray ({first}): check runtime.address, or use runtime=inline") from None
+
+
+def shutdown() -> None:
+    try:
+        import ray
+    except ImportError:  # pragma: no cover
+        return
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def actor_class(runtime: Mapping[str, Any] | None, *, num_gpus: float | None = None) -> Any:
+    """``Worker`` as a Ray actor class with the runtime's GPU, CPU and restart settings."""
+    import ray
+
+    restarts = int(_get(runtime, "max_restarts", 2))
+    return ray.remote(
+        num_gpus=gpus_per_worker(runtime) if num_gpus is None else num_gpus,
+        num_cpus=float(_get(runtime, "cpus_per_worker", 0.5)),
+        max_restarts=restarts,
+        max_task_retries=restarts,
+    )(Worker)
+
+
+def run_all(target: str, payloads: Sequence[dict], runtime: Mapping[str, Any] | None, *,
+            on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
+    """Run ``target(payload)`` for every payload, in parallel actors (or inline), in order.
+
+    Args:
+        target: ``"module:function"`` of the work unit.
+        payloads: plain, resolved dicts (one actor each).
+        runtime: the ``runtime`` config node.
+        on_result: called as results arrive (index, result), e.g. for progress.
+
+    Returns:
+        The results in the order of ``payloads``. A failing unit re-raises its error here after
+        the other units finish.
+    """
+    if is_inline(runtime) or not payloads:
+        results = []
+        for i, p in enumerate(payloads):
+            results.append(Worker(target).run(p))
+            if on_result:
+                on_result(i, results[-1])
+        return results
+    import ray
+
+    init(runtime)
+    cls = actor_class(runtime)
+    actors = [cls.remote(target) for _ in payloads]
+    refs = [a.run.remote(p) for a, p in zip(actors, payloads)]
+    index = {r: i for i, r in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    errors: list[BaseException] = []
+    pending = list(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                i = index[ref]
+                try:
+                    results[i] = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    errors.append(exc.as_instanceof_cause())
+                    continue
+                except ray.exceptions.RayError as exc:
+                    errors.append(exc)
+                    continue
+                if on_result:
+                    on_result(i, results[i])
+    finally:
+        for a in actors:
+            ray.kill(a)
+    if errors:
+        raise errors[0]
+    return results
