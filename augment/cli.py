@@ -33,6 +33,7 @@ class Command:
     target: str
     help: str
     flags: list[tuple[tuple[str, ...], dict, str | None]] = field(default_factory=list)  # (names, argparse kw, override template)
+    wants_overrides: bool = False  # the stage re-composes per model (e.g. generator=cgan,ucgan)
 
 
 CLASSES_FLAG = (("--classes",), {"help": "comma-separated classes, case-insensitive, aliases allowed (edema,hernia)"}, "classes=[{}]")
@@ -50,6 +51,9 @@ COMMANDS: dict[str, Command] = {
         (("--threshold",), {"type": float, "help": "pseudo-label threshold t on the synthetic p_<class> columns"},
          "classify.threshold={}"),
     ]),
+    "train": Command("train", "augment.stages.train:train",
+                     "train samplers (generator=cgan,ucgan) and translators (translator=fixed_point,taggan,branched) "
+                     "in parallel Ray actors", [CLASSES_FLAG], wants_overrides=True),
 }
 
 
@@ -125,13 +129,15 @@ def run_command(name: str, overrides: Sequence[str]) -> dict:
     from augment.stages.common import write_json
 
     cmd = COMMANDS[name]
-    cfg = compose(overrides)
+    family_free = [o for o in overrides if not (o.split("=", 1)[0] in ("generator", "translator") and "," in o)]
+    cfg = compose(family_free)
     out = output_dir(cfg.get("out"), name)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
         save_config(cfg, out / "config.yaml")
-        metrics = resolve_target(cmd.target)(cfg, out)
+        stage = resolve_target(cmd.target)
+        metrics = stage(cfg, out, overrides=list(overrides)) if cmd.wants_overrides else stage(cfg, out)
     except (UserError, KeyboardInterrupt):
         if created:  # refused or interrupted before anything useful: leave no trace
             shutil.rmtree(out, ignore_errors=True)

@@ -16,7 +16,7 @@ from hydra import compose as _hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import HydraException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from augment.errors import UserError
@@ -56,7 +56,12 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
                 raise UserError(f"unknown {group} '{value}': choose one of {', '.join(options)} ({group}=<name>)")
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="augment"):
-            cfg = _hydra_compose(config_name=PRIMARY, overrides=overrides)
+            cfg = _hydra_compose(config_name=PRIMARY, overrides=overrides, return_hydra_config=True)
+            choices = {k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
+                       if not str(k).startswith("hydra") and v is not None}
+            with open_dict(cfg):
+                del cfg["hydra"]
+                cfg["choices"] = choices  # which option of each group was composed (e.g. generator: cgan)
     except (HydraException, OmegaConfBaseException) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"bad configuration override: {first} (see `augment --help` for the syntax key=value)") from None
