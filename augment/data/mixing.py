@@ -1,0 +1,178 @@
+"""Mixing real and synthetic training data: a weighted concatenation and a ratio-keeping sampler.
+
+Items follow the classifier contract (``image`` uint8 1 x H x W, ``labels`` float32 C with NaN
+for "not labelled"); the classifier loop makes ``x = image / 127.5 - 1`` in [-1, 1]. Here a
+``weight`` is added: 1 for real items, ``xi`` (XRAY-GAN's weight of pseudo-labelled samples) for
+synthetic ones, which the masked BCE uses as a per-sample loss weight.
+
+Index layout of :class:`MixedDataset`: real items first (``0 .. n_real - 1``), then synthetic
+(``n_real .. n_real + n_synthetic - 1``); :class:`MixedBatchSampler` yields indices in that layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+
+def _label_matrix(ds: Any) -> np.ndarray | None:
+    method = getattr(ds, "label_matrix", None)
+    labels = method() if callable(method) else getattr(ds, "labels", None)
+    if labels is None:
+        return None
+    arr = np.asarray(labels.numpy() if isinstance(labels, torch.Tensor) else labels, dtype=np.float32)
+    return arr if arr.ndim == 2 and len(arr) == len(ds) else None
+
+
+class MixedDataset(Dataset):
+    """Real and synthetic datasets back to back, synthetic items weighted by ``xi``.
+
+    Args:
+        real: real items.
+        synthetic: synthetic items (e.g. :class:`augment.data.synthetic.SyntheticDataset`).
+        xi: loss weight of a synthetic sample relative to a real one (>= 0). An item that
+            already carries a ``weight`` keeps it, multiplied by ``xi`` when synthetic.
+
+    Raises:
+        ValueError: negative ``xi``, different class lists, or first items whose image shape or
+            label length differ.
+    """
+
+    def __init__(self, real: Dataset, synthetic: Dataset, *, xi: float) -> None:
+        if not xi >= 0:
+            raise ValueError(f"xi must be >= 0, got {xi}")
+        self.real, self.synthetic, self.xi = real, synthetic, float(xi)
+        self.n_real, self.n_synthetic = len(real), len(synthetic)
+        rc, sc = getattr(real, "classes", None), getattr(synthetic, "classes", None)
+        if rc is not None and sc is not None and list(rc) != list(sc):
+            raise ValueError(f"real classes {list(rc)} differ from synthetic classes {list(sc)}; "
+                             "load the synthetic set with classes= the real ones")
+        self.classes = list(rc if rc is not None else sc) if (rc is not None or sc is not None) else None
+        if self.n_real and self.n_synthetic:
+            a, b = real[0], synthetic[0]
+            ia, ib = torch.as_tensor(a["image"]), torch.as_tensor(b["image"])
+            if ia.shape != ib.shape:
+                raise ValueError(f"real images are {tuple(ia.shape)} but synthetic ones are {tuple(ib.shape)}; "
+                                 "use the same image size")
+            if len(a["labels"]) != len(b["labels"]):
+                raise ValueError(f"real items have {len(a['labels'])} labels, synthetic ones {len(b['labels'])}")
+
+    def __len__(self) -> int:
+        return self.n_real + self.n_synthetic
+
+    def is_synthetic(self, i: int) -> bool:
+        """Whether index ``i`` is a synthetic item."""
+        return i >= self.n_real
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        if i < self.n_real:
+            item, scale = dict(self.real[i]), 1.0
+        else:
+            item, scale = dict(self.synthetic[i - self.n_real]), self.xi
+        base = float(item.get("weight", 1.0))
+        item["weight"] = torch.tensor(base * scale, dtype=torch.float32)
+        return item
+
+    def label_matrix(self) -> np.ndarray | None:
+        """Concatenated N x C labels when both parts expose theirs, else None."""
+        a, b = _label_matrix(self.real), _label_matrix(self.synthetic)
+        if a is None or b is None:
+            return None
+        return np.concatenate([a, b])
+
+
+class MixedBatchSampler(Sampler[list[int]]):
+    """Batches with a fixed synthetic:real ratio; every real image at least once per epoch.
+
+    Each batch holds ``k_syn = round(batch_size * r / (1 + r))`` synthetic indices and
+    ``k_real = batch_size - k_syn`` real ones (``r`` = ``ratio``, synthetic per real). Real and
+    synthetic indices are each drawn as a stream of random permutations, so within a stream no
+    index repeats before all have been used. By default an epoch is ``ceil(n_real / k_real)``
+    batches: every real image appears once, and the last batch is topped up from the next real
+    permutation (at most ``k_real - 1`` repeats) so that every batch keeps the ratio exactly.
+
+    Args:
+        n_real: number of real items (indices ``0 .. n_real - 1``).
+        n_synthetic: number of synthetic items (indices ``n_real ..``).
+        batch_size: items per batch.
+        ratio: synthetic:real ratio ``r >= 0``.
+        generator: source of all randomness; each ``iter()`` continues from its state.
+        num_batches: batches per epoch (default as above).
+
+    Raises:
+        ValueError: no real items, a ratio that leaves no real slot, or synthetic slots without
+            synthetic items.
+    """
+
+    def __init__(
+        self,
+        n_real: int,
+        n_synthetic: int,
+        *,
+        batch_size: int,
+        ratio: float,
+        generator: torch.Generator,
+        num_batches: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not ratio >= 0 or math.isinf(ratio):
+            raise ValueError(f"ratio (synthetic:real) must be a finite number >= 0, got {ratio}")
+        if n_real < 1:
+            raise ValueError("MixedBatchSampler needs at least one real item")
+        self.n_real, self.n_synthetic = int(n_real), int(n_synthetic)
+        self.batch_size, self.ratio, self.generator = int(batch_size), float(ratio), generator
+        self.n_syn_per_batch = int(round(batch_size * ratio / (1.0 + ratio)))
+        self.n_real_per_batch = batch_size - self.n_syn_per_batch
+        if self.n_real_per_batch < 1:
+            raise ValueError(f"ratio {ratio} leaves no real image in a batch of {batch_size}; "
+                             "lower the ratio or raise the batch size")
+        if self.n_syn_per_batch and self.n_synthetic < 1:
+            raise ValueError(f"ratio {ratio} asks for {self.n_syn_per_batch} synthetic images per batch "
+                             "but there are none")
+        if num_batches is not None and num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        self.num_batches = num_batches if num_batches is not None else math.ceil(self.n_real / self.n_real_per_batch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _stream(self, n: int, offset: int) -> Iterator[int]:
+        while True:
+            for i in torch.randperm(n, generator=self.generator).tolist():
+                yield offset + i
+
+    def __iter__(self) -> Iterator[list[int]]:
+        real = self._stream(self.n_real, 0)
+        syn = self._stream(self.n_synthetic, self.n_real) if self.n_syn_per_batch else iter(())
+        for _ in range(self.num_batches):
+            batch = [next(real) for _ in range(self.n_real_per_batch)]
+            batch += [next(syn) for _ in range(self.n_syn_per_batch)]
+            yield batch
+
+
+def synthetic_view(ds: Any, classes: Sequence[str] | str | None, threshold: float | None) -> Any:
+    """The same synthetic files relabelled with pseudo-label threshold ``threshold`` over ``classes``.
+
+    ``ds`` must offer ``relabel(threshold, classes)`` (as
+    :class:`augment.data.synthetic.SyntheticDataset` does); images are not re-read or changed.
+    """
+    relabel = getattr(ds, "relabel", None)
+    if not callable(relabel):
+        raise TypeError(f"{type(ds).__name__} cannot be relabelled (no relabel method)")
+    return relabel(threshold, classes)
+
+
+__all__ = ["MixedBatchSampler", "MixedDataset", "synthetic_view"]

@@ -1,0 +1,136 @@
+"""augment.data.mixing: per-batch ratio, epoch coverage, xi weights reaching the classifier loss."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from augment.data.mixing import MixedBatchSampler, MixedDataset
+from classifiers.data import collate_items
+from classifiers.train import masked_bce_with_logits, train_classifier
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Items(Dataset):
+    """Items in the classifier contract; ``bright`` images carry label 1 (or ``flip`` it)."""
+
+    def __init__(self, n: int, *, seed: int, classes=("Edema",), flip: bool = False, size: int = 8) -> None:
+        rng = np.random.default_rng(seed)
+        self.classes = list(classes)
+        pos = rng.random(n) < 0.5
+        self.images = rng.integers(0, 100, size=(n, 1, size, size), dtype=np.uint8)
+        self.images[pos] += 120
+        self.labels = np.repeat((pos != flip).astype(np.float32)[:, None], len(classes), 1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.from_numpy(self.images[i].copy()), "labels": torch.from_numpy(self.labels[i].copy())}
+
+
+@pytest.mark.parametrize(("ratio", "n_syn"), [(1.0, 8), (0.5, 5), (3.0, 12), (0.0, 0)])
+def test_every_batch_keeps_the_ratio_and_every_real_image_appears(ratio: float, n_syn: int) -> None:
+    n_real, n_synthetic, bs = 50, 200, 16
+    sampler = MixedBatchSampler(n_real, n_synthetic, batch_size=bs, ratio=ratio,
+                                generator=torch.Generator().manual_seed(0))
+    assert sampler.n_syn_per_batch == n_syn == round(bs * ratio / (1 + ratio))
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == math.ceil(n_real / (bs - n_syn))
+    for batch in batches:
+        assert len(batch) == bs
+        assert sum(i >= n_real for i in batch) == n_syn
+        assert all(0 <= i < n_real + n_synthetic for i in batch)
+    real_seen = [i for b in batches for i in b if i < n_real]
+    assert set(real_seen) == set(range(n_real))
+    assert len(real_seen) - n_real < bs - n_syn  # only the last batch is topped up
+    syn_seen = [i for b in batches for i in b if i >= n_real]
+    assert len(set(syn_seen)) == len(syn_seen)  # synthetic drawn without repeats within a pass
+
+
+def test_sampler_is_deterministic_per_generator_and_epochs_differ() -> None:
+    def make(seed: int) -> MixedBatchSampler:
+        return MixedBatchSampler(30, 30, batch_size=8, ratio=1.0, generator=torch.Generator().manual_seed(seed),
+                                 num_batches=5)
+
+    a, b = make(1), make(1)
+    first_a, first_b = list(a), list(b)
+    assert first_a == first_b and len(first_a) == 5
+    assert list(a) != first_a  # the next epoch continues the generator
+    assert list(make(2)) != first_a
+
+
+def test_sampler_errors() -> None:
+    g = torch.Generator()
+    with pytest.raises(ValueError, match="no real image"):
+        MixedBatchSampler(10, 10, batch_size=4, ratio=100.0, generator=g)
+    with pytest.raises(ValueError, match="none"):
+        MixedBatchSampler(10, 0, batch_size=4, ratio=1.0, generator=g)
+    with pytest.raises(ValueError, match="real"):
+        MixedBatchSampler(0, 10, batch_size=4, ratio=1.0, generator=g)
+
+
+def test_mixed_dataset_weights_and_layout() -> None:
+    real, syn = Items(5, seed=0), Items(3, seed=1)
+    ds = MixedDataset(real, syn, xi=0.25)
+    assert len(ds) == 8 and ds.classes == ["Edema"]
+    assert [ds[i]["weight"].item() for i in range(8)] == [1.0] * 5 + [0.25] * 3
+    assert torch.equal(ds[6]["image"], syn[1]["image"]) and torch.equal(ds[2]["image"], real[2]["image"])
+    assert ds.label_matrix().shape == (8, 1)
+    assert [ds.is_synthetic(i) for i in (4, 5)] == [False, True]
+    with pytest.raises(ValueError, match="classes"):
+        MixedDataset(real, Items(3, seed=1, classes=("Hernia",)), xi=1.0)
+    with pytest.raises(ValueError, match="image"):
+        MixedDataset(real, Items(3, seed=1, size=16), xi=1.0)
+    with pytest.raises(ValueError, match="xi"):
+        MixedDataset(real, syn, xi=-1.0)
+
+
+def _grad(model: nn.Module, batch: dict) -> torch.Tensor:
+    model.zero_grad()
+    x = batch["image"].float() / 127.5 - 1
+    masked_bce_with_logits(model(x), batch["labels"], batch["weight"]).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_weights_reach_the_loss() -> None:
+    real, syn = Items(6, seed=0), Items(6, seed=1, flip=True)  # synthetic labels contradict the real ones
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 1))
+    real_only = _grad(model, collate_items([real[i] for i in range(6)]))
+    for xi, same in ((0.0, True), (0.5, False)):
+        ds = MixedDataset(real, syn, xi=xi)
+        mixed = _grad(model, collate_items([ds[i] for i in range(12)]))
+        assert torch.allclose(mixed, real_only, atol=1e-7) == same
+
+
+def test_training_with_zero_xi_equals_training_on_real_alone() -> None:
+    """End to end through the classifier loop: synthetic items with weight 0 change no weight."""
+    real, syn = Items(40, seed=0), Items(40, seed=1, flip=True)
+    mixed_ds = MixedDataset(real, syn, xi=0.0)
+    batches = list(MixedBatchSampler(40, 40, batch_size=10, ratio=1.0, generator=torch.Generator().manual_seed(0)))
+    real_batches = [[i for i in b if i < 40] for b in batches]
+
+    def fit(ds: Dataset, sampler: list[list[int]]) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 1))
+        train_classifier(model, ds, None, epochs=2, batch_size=10, lr=1e-2, sampler=sampler, progress=False)
+        return model
+
+    a, b = fit(mixed_ds, batches), fit(real, real_batches)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
+    c = fit(MixedDataset(real, syn, xi=1.0), batches)
+    assert not torch.allclose(a[1].weight, c[1].weight, atol=1e-4)

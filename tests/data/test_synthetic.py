@@ -1,0 +1,229 @@
+"""augment.data.synthetic: reading the synthetic dataset format, pseudo-label thresholds, errors,
+and plugging the folder into a plain PyTorch training loop."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from augment.data.mixing import synthetic_view
+from augment.data.synthetic import SyntheticDataset
+
+CLASSES = ["Edema", "Hernia"]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the shared 2-core box: one thread is far faster for tiny models
+    yield
+    torch.set_num_threads(before)
+
+
+def write_folder(root: Path, n: int = 6, size: int = 32, seed: int = 0) -> list[dict]:
+    """Write ``n`` images in the synthetic format: an Edema image has a bright blob (and its mask),
+    a Hernia image a bright bottom band (and its mask). Returns the rows written."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows = []
+    for i in range(n):
+        image_id = f"syn_{seed}_{i:05d}"
+        img = rng.integers(10, 50, size=(size, size), dtype=np.uint8)
+        p = {"Edema": float(rng.uniform(0.05, 0.95)), "Hernia": float(rng.uniform(0.05, 0.95))}
+        if i % 2 == 0:  # alternate so both labels occur whatever the random draws
+            p["Edema"] = max(p["Edema"], 0.6)
+        found = [c for c in CLASSES if p[c] >= 0.5]
+        masks = []
+        for c in found:
+            m = np.zeros((size, size), dtype=np.uint8)
+            if c == "Edema":
+                m[8:20, 6:18] = 255
+            else:
+                m[size - 6 :, :] = 255
+            img[m > 0] = 230
+            rel = f"masks/{image_id}_{c}.png"
+            Image.fromarray(m, mode="L").save(root / rel)
+            masks.append(rel)
+        Image.fromarray(img, mode="L").save(root / "images" / f"{image_id}.png")
+        rows.append({
+            "Image Index": f"{image_id}.png",
+            "Finding Labels": "|".join(found) if found else "No Finding",
+            "file": f"images/{image_id}.png",
+            "mask": "|".join(masks),
+            "p_Edema": f"{p['Edema']:.6f}",
+            "p_Hernia": f"{p['Hernia']:.6f}",
+            "generator": "cgan",
+            "seed": str(seed * 1000 + i),
+        })
+    with open(root / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (root / "dataset.json").write_text(json.dumps({"classes": CLASSES, "counts": {"total": n}, "threshold": 0.5}))
+    return rows
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_items_follow_the_format(tmp_path: Path) -> None:
+    rows = write_folder(tmp_path, n=6)
+    ds = SyntheticDataset(tmp_path)
+    assert len(ds) == 6 and ds.classes == CLASSES
+    for i, row in enumerate(rows):
+        item = ds[i]
+        assert item["image"].dtype == torch.uint8 and item["image"].shape == (1, 32, 32)
+        expected = np.array(Image.open(tmp_path / row["file"]))
+        assert torch.equal(item["image"][0], torch.from_numpy(expected))
+        want = [float(c in row["Finding Labels"].split("|")) for c in CLASSES]
+        assert item["labels"].dtype == torch.float32 and item["labels"].tolist() == want
+        assert item["probs"].tolist() == pytest.approx([float(row["p_Edema"]), float(row["p_Hernia"])])
+        masks = item["masks"]
+        assert masks.dtype == torch.uint8 and masks.shape == (2, 32, 32)
+        assert set(masks.unique().tolist()) <= {0, 1}
+        for k, c in enumerate(CLASSES):
+            # a class without a mask is all zeros; one with a mask matches the file (0/255 -> 0/1)
+            if f"_{c}.png" in row["mask"]:
+                assert masks[k].sum() > 0
+                assert torch.equal(masks[k], torch.from_numpy(np.array(Image.open(tmp_path / f"masks/{ds.ids[i]}_{c}.png")) // 255))
+            else:
+                assert masks[k].sum() == 0
+    assert ds.label_matrix().shape == (6, 2)
+    assert "masks" not in SyntheticDataset(tmp_path, with_masks=False)[0]
+
+
+def test_classes_take_aliases_and_order(tmp_path: Path) -> None:
+    rows = write_folder(tmp_path, n=4)
+    ds = SyntheticDataset(tmp_path, classes=["hiatal hernia", "edema", "No Finding"])
+    assert ds.classes == ["Hernia", "Edema", "No Finding"]
+    for i, row in enumerate(rows):
+        found = row["Finding Labels"].split("|")
+        assert ds[i]["labels"].tolist() == [float("Hernia" in found), float("Edema" in found),
+                                            float(found == ["No Finding"])]
+        assert torch.isnan(ds[i]["probs"][2])  # no p_No Finding column
+
+
+def test_threshold_changes_labels_not_images(tmp_path: Path) -> None:
+    rows = write_folder(tmp_path, n=8)
+    before = _digest(tmp_path)
+    p = np.array([[float(r["p_Edema"]), float(r["p_Hernia"])] for r in rows], dtype=np.float32)
+    low, high = SyntheticDataset(tmp_path, threshold=0.2), SyntheticDataset(tmp_path, threshold=0.8)
+    np.testing.assert_array_equal(low.labels, (p >= 0.2).astype(np.float32))
+    np.testing.assert_array_equal(high.labels, (p >= 0.8).astype(np.float32))
+    assert low.labels.sum() > high.labels.sum()
+    for i in range(len(rows)):
+        assert torch.equal(low[i]["image"], high[i]["image"])
+        assert torch.equal(low[i]["masks"], high[i]["masks"])
+    assert _digest(tmp_path) == before  # nothing on disk was rewritten
+
+    view = synthetic_view(low, ["Edema", "No Finding"], 0.8)
+    assert view.classes == ["Edema", "No Finding"] and view.threshold == 0.8
+    no_finding = ~((p >= 0.8).any(1))
+    np.testing.assert_array_equal(view.labels, np.stack([(p[:, 0] >= 0.8), no_finding], 1).astype(np.float32))
+    assert low.threshold == 0.2 and low.classes == CLASSES  # the original view is unchanged
+    assert torch.equal(view[3]["image"], low[3]["image"])
+
+
+def test_transform_is_applied_to_the_pil_image(tmp_path: Path) -> None:
+    import torchvision.transforms as T
+
+    write_folder(tmp_path, n=2)
+    item = SyntheticDataset(tmp_path, transform=T.ToTensor())[0]
+    raw = SyntheticDataset(tmp_path)[0]["image"]
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (1, 32, 32)
+    assert torch.allclose(item["image"], raw.float() / 255)
+
+
+def _one_line(err: pytest.ExceptionInfo, *parts: str) -> None:
+    message = str(err.value)
+    assert "\n" not in message
+    for part in parts:
+        assert part in message, message
+
+
+def test_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as err:
+        SyntheticDataset(tmp_path / "nowhere")
+    _one_line(err, "nowhere", "does not exist")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError) as err:
+        SyntheticDataset(empty)
+    _one_line(err, str(empty), "labels.csv")
+
+    root = tmp_path / "ds"
+    write_folder(root, n=3)
+    table = (root / "labels.csv").read_text().splitlines()
+    (root / "labels.csv").write_text("\n".join([table[0].replace(",file,", ",path,")] + table[1:]) + "\n")
+    with pytest.raises(ValueError) as err:
+        SyntheticDataset(root)
+    _one_line(err, str(root), "column", "file")
+
+    root2 = tmp_path / "ds2"
+    rows = write_folder(root2, n=3)
+    (root2 / rows[1]["file"]).unlink()
+    with pytest.raises(ValueError) as err:
+        SyntheticDataset(root2)
+    _one_line(err, str(root2), "missing", rows[1]["file"])
+
+    root3 = tmp_path / "ds3"
+    rows = write_folder(root3, n=2)
+    (root3 / rows[0]["mask"].split("|")[0]).unlink()
+    with pytest.raises(ValueError) as err:
+        SyntheticDataset(root3)
+    _one_line(err, str(root3), "mask", "missing")
+    assert len(SyntheticDataset(root3, with_masks=False)) == 2  # masks not wanted: not needed
+
+    with pytest.raises(ValueError) as err:
+        SyntheticDataset(root3, with_masks=False, threshold=1.5)
+    _one_line(err, "threshold")
+    with pytest.raises(ValueError) as err:
+        SyntheticDataset(root3, with_masks=False, classes=["Mass"], threshold=0.5)
+    _one_line(err, "p_ column", "Mass")
+    with pytest.raises(ValueError) as err:
+        SyntheticDataset(root3, with_masks=False, classes=["Edemma"])
+    _one_line(err, "Edema")  # unknown name: the close match is named
+
+
+def test_classes_fall_back_to_probability_columns(tmp_path: Path) -> None:
+    write_folder(tmp_path, n=2)
+    (tmp_path / "dataset.json").unlink()
+    assert SyntheticDataset(tmp_path).classes == CLASSES
+
+
+def test_plugs_into_a_plain_pytorch_training_loop(tmp_path: Path) -> None:
+    """A user's own loop, nothing else from augment: DataLoader + nn.Sequential + optimizer."""
+    import torchvision.transforms as T
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    write_folder(tmp_path, n=48, seed=3)
+    dataset = SyntheticDataset(tmp_path, transform=T.ToTensor())
+    loader = DataLoader(dataset, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)  # the user's script seeds its own model
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                          nn.Flatten(), nn.Linear(8 * 16, len(dataset.classes)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn = nn.BCEWithLogitsLoss()
+    epoch_losses = []
+    for _ in range(15):
+        total = 0.0
+        for batch in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(model(batch["image"]), batch["labels"])
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch["image"])
+        epoch_losses.append(total / len(dataset))
+    assert batch["image"].shape[1:] == (1, 32, 32) and batch["masks"].shape[1:] == (2, 32, 32)
+    assert epoch_losses[-1] < 0.7 * epoch_losses[0], epoch_losses
