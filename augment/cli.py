@@ -54,6 +54,27 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train", "augment.stages.train:train",
                      "train samplers (generator=cgan,ucgan) and translators (translator=fixed_point,taggan,branched) "
                      "in parallel Ray actors", [CLASSES_FLAG], wants_overrides=True),
+    "generate": Command("generate", "augment.stages.generate:generate",
+                        "write pseudo-labeled synthetic X-rays with pixel masks (images/, masks/, labels.csv, dataset.json)", [
+        (("--classes",), {"help": "classes to generate, comma-separated, case-insensitive (edema,hernia)"}, "classes=[{}]"),
+        (("--n",), {"type": int, "help": "total number of kept images, split evenly across the classes"}, "generate.n={}"),
+        (("--per-class",), {"action": "store_true", "help": "make --n the number of images of EACH class"}, "generate.per_class=true"),
+        (("--models",), {"help": "a train run folder (default: runs/train/latest)"}, "generate.models='{}'"),
+        (("--seed",), {"type": int, "help": "run seed; sample i of a class draws its noise from (seed, class, i)"}, "seed={}"),
+        (("--batch-size",), {"type": int, "help": "images per forward pass (the output does not depend on it)"}, "generate.batch_size={}"),
+        (("--workers",), {"type": int, "help": "parallel shard workers (Ray actors, one GPU each where present)"}, "generate.workers={}"),
+        (("--threshold",), {"type": float, "help": "pseudo-label threshold t in (0, 1): keep an image for class c when p(c) >= t"},
+         "generate.threshold={}"),
+        (("--sampler",), {"choices": ["cgan", "ucgan"], "help": "cgan samples each class; ucgan samples freely and pseudo-labels"},
+         "generate.sampler={}"),
+        (("--translator",), {"help": "mask translator family (fixed_point, taggan, branched) or 'none' for no masks"},
+         "generate.translator={}"),
+        (("--labeller",), {"help": "classifier checkpoint that pseudo-labels the images (default: UCGAN's C or the trained one)"},
+         "generate.labeller='{}'"),
+        (("--resume",), {"action": "store_true", "help": "finish an interrupted run in --out (complete shards are kept)"},
+         "generate.resume=true"),
+        (("--overwrite",), {"action": "store_true", "help": "replace a non-empty --out"}, "generate.overwrite=true"),
+    ]),
 }
 
 
@@ -92,6 +113,9 @@ def to_overrides(ns: argparse.Namespace, cmd: Command) -> list[str]:
         dest = kw.get("dest") or names[0].lstrip("-").replace("-", "_")
         value = getattr(ns, dest, None)
         if template is None or value is None or value is False:
+            continue
+        if value is True:
+            out.append(template)
             continue
         if isinstance(value, list):  # paths may hold characters Hydra's grammar reserves: quote them
             value = ",".join("'" + str(v).replace("'", "\\'") + "'" for v in value)
@@ -156,7 +180,13 @@ def _setup_logging() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, rest = parser.parse_known_args(argv)
+    # overrides may stand after the flags too (argparse stops its positional list at the first flag)
+    stray = [r for r in rest if r.startswith("-") or "=" not in r]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        ns.overrides = [*getattr(ns, "overrides", []), *rest]
     if not getattr(ns, "_command", None):
         parser.print_help()
         return 2

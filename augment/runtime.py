@@ -154,3 +154,58 @@ def run_all(target: str, payloads: Sequence[dict], runtime: Mapping[str, Any] | 
     if errors:
         raise errors[0]
     return results
+
+
+class Stateful:
+    """Holds one object built from ``payload`` (models loaded once) and runs ``obj.run(spec)``."""
+
+    def __init__(self, target: str, payload: dict) -> None:
+        self.obj = resolve(target)(payload)
+
+    def run(self, spec: dict) -> Any:
+        return self.obj.run(spec)
+
+
+class StatefulPool:
+    """``workers`` long-lived workers built from one payload, mapping specs to results.
+
+    Inline (``runtime=inline`` or one worker) it is one object in this process; otherwise Ray
+    actors (one GPU each where there is one) fed through ``ray.util.ActorPool``. ``map`` yields
+    results as they complete (unordered).
+    """
+
+    def __init__(self, target: str, payload: dict, workers: int, runtime: Mapping[str, Any] | None) -> None:
+        self.inline = is_inline(runtime)
+        if self.inline:
+            self.local = Stateful(target, payload)
+            return
+        import ray
+        from ray.util import ActorPool
+
+        init(runtime)
+        cls = ray.remote(num_gpus=gpus_per_worker(runtime), num_cpus=float(_get(runtime, "cpus_per_worker", 0.5)),
+                         max_restarts=int(_get(runtime, "max_restarts", 2)),
+                         max_task_retries=int(_get(runtime, "max_restarts", 2)))(Stateful)
+        ref = ray.put(payload)
+        self.actors = [cls.remote(target, ref) for _ in range(workers)]
+        self.pool = ActorPool(self.actors)
+
+    def map(self, specs: Sequence[dict]):
+        if self.inline:
+            for spec in specs:
+                yield self.local.run(spec)
+            return
+        import ray
+
+        try:
+            yield from self.pool.map_unordered(lambda a, s: a.run.remote(s), list(specs))
+        except ray.exceptions.RayTaskError as exc:
+            raise exc.as_instanceof_cause() from None
+
+    def close(self) -> None:
+        if self.inline:
+            return
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)

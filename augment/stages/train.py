@@ -68,6 +68,8 @@ def train_one(payload: dict) -> dict:
     from generators.train import fit
 
     cfg, kind, family = payload["cfg"], payload["kind"], payload["family"]
+    if kind == "classifier":
+        return _train_labeller(payload)
     tcfg = cfg["train"]
     classes = payload["classes"]
     out = Path(payload["out"])
@@ -99,6 +101,22 @@ def train_one(payload: dict) -> dict:
     return {"kind": kind, "family": family, "checkpoint": str(out / "checkpoint.pt"), "metrics": metrics,
             "seconds": seconds, "steps": int(tcfg["max_steps"]), "resumed_from": start, "images": len(ds),
             "steps_per_second": done / seconds if seconds > 0 and done > 0 else None}
+
+
+def _train_labeller(payload: dict) -> dict:
+    """The pseudo-labeller of the CGAN (and the domain-FID feature extractor): a classifier on the
+    real data, trained like `augment classify` (one seed)."""
+    from augment.stages.classify import train_one as classify_one
+
+    cfg = payload["cfg"]
+    t0 = time.perf_counter()
+    info = classify_one({"cfg": cfg, "seed": int(cfg["seed"]), "out": payload["out"], "classes": payload["classes"],
+                         "synthetic": []})
+    seconds = time.perf_counter() - t0
+    return {"kind": "classifier", "family": "classifier", "checkpoint": info["checkpoint"],
+            "metrics": {"test_mean_auc": info["test"]["mean_auc"], "best_val_auc": info.get("best_val_auc")},
+            "seconds": seconds, "steps": info.get("best_epoch"), "resumed_from": 0, "images": info["n_train_real"],
+            "steps_per_second": None}
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -139,6 +157,8 @@ def train(cfg: DictConfig, out: Path, overrides: list[str] | None = None) -> dic
     base_overrides, jobs = split_family_overrides(list(overrides or []))
     if not jobs:
         jobs = [(k, str(cfg.choices[k])) for k in cfg.train.default]
+    if cfg.train.labeller and any(k == "generator" and f == "cgan" for k, f in jobs) and not any(k == "classifier" for k, _ in jobs):
+        jobs.append(("classifier", str(cfg.choices.classifier)))  # the CGAN's pseudo-labeller
     resolve_classes(cfg.classes)
     table = load_table(cfg.data, show_progress=cfg.progress)
     classes = resolve_classes(cfg.classes, table, allow_no_finding=False)
@@ -146,8 +166,9 @@ def train(cfg: DictConfig, out: Path, overrides: list[str] | None = None) -> dic
     payloads = []
     for kind, fam in jobs:
         fcfg = compose([*base_overrides, f"{kind}={fam}"])
+        folder = "classifier" if kind == "classifier" else fam
         payloads.append({"cfg": to_dict(fcfg), "kind": kind, "family": fam, "classes": classes,
-                         "out": str((out / "models" / fam).resolve())})
+                         "out": str((out / "models" / folder).resolve())})
     print(f"train: {', '.join(f for _, f in jobs)} on data={table.source} {table.image_size} px, "
           f"classes {', '.join(classes)}, {int(cfg.train.max_steps)} steps each"
           + ("" if runtime.is_inline(cfg.runtime) else f" (Ray actors, {runtime.gpus_per_worker(cfg.runtime):g} GPU each)"))
@@ -159,7 +180,7 @@ def train(cfg: DictConfig, out: Path, overrides: list[str] | None = None) -> dic
             for r in results]
     print(markdown_table(rows, ["family", "kind", "steps", "seconds", "steps/s", "checkpoint"]))
     return {"classes": classes, "image_size": table.image_size, "data": table.source,
-            "data_fingerprint": table.fingerprint, "models": {r["family"]: r for r in results},
+            "data_fingerprint": table.fingerprint, "models": {(r["kind"] if r["kind"] == "classifier" else r["family"]): r for r in results},
             "seconds": time.perf_counter() - t0, "versions": versions()}
 
 
