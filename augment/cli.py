@@ -75,6 +75,25 @@ COMMANDS: dict[str, Command] = {
          "generate.resume=true"),
         (("--overwrite",), {"action": "store_true", "help": "replace a non-empty --out"}, "generate.overwrite=true"),
     ]),
+    "evaluate": Command("evaluate", "augment.stages.evaluate:evaluate",
+                        "mask metrics of the trained translators; FID/KID/IS/PR/class fidelity of --synthetic, with floors", [
+        CLASSES_FLAG,
+        (("--synthetic",), {"metavar": "DIR", "help": "a synthetic dataset folder (augment generate output)"},
+         "evaluate.synthetic='{}'"),
+        (("--models",), {"help": "a train run folder (default: runs/train/latest)"}, "evaluate.models='{}'"),
+    ]),
+    "search": Command("search", "augment.search:search",
+                      "Optuna search (search=pseudo_label|ucgan_weights|translator_weights): trials share one study; "
+                      "writes best.yaml (apply with --from-search), metrics.json and plots", [
+        (("--trials",), {"type": int, "help": "trials to run now; rerunning with the same --out continues the study"},
+         "search.n_trials={}"),
+        (("--workers",), {"type": int, "help": "trial loops at once (Ray actors sharing the study, one GPU each where present)"},
+         "search.workers={}"),
+        (("--storage",), {"help": "SQLAlchemy URL of the study database (default sqlite:///<out>/study.db; "
+                                  "postgresql://... for many machines)"}, "search.storage='{}'"),
+        (("--study",), {"help": "study name (default: the space name)"}, "search.study='{}'"),
+        (("--timeout",), {"type": float, "help": "seconds after which no new trial is started"}, "search.timeout={}"),
+    ], wants_overrides=True),
 }
 
 
@@ -99,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         p.add_argument("--out", help="output folder (default runs/<command>/<timestamp>)")
+        p.add_argument("--from-search", metavar="BEST_YAML",
+                       help="apply the best parameters of an `augment search` run (its best.yaml); "
+                            "flags and key=value overrides given here win")
         for names, kw, _ in cmd.flags:
             p.add_argument(*names, **kw)
         p.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides")
@@ -109,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 def to_overrides(ns: argparse.Namespace, cmd: Command) -> list[str]:
     """Flags given on the command line as Hydra overrides; raw overrides come last, so they win."""
     out: list[str] = []
+    if getattr(ns, "from_search", None):
+        from augment.search import read_best
+
+        out += read_best(ns.from_search)
     for names, kw, template in cmd.flags:
         dest = kw.get("dest") or names[0].lstrip("-").replace("-", "_")
         value = getattr(ns, dest, None)
@@ -174,6 +200,7 @@ def run_command(name: str, overrides: Sequence[str]) -> dict:
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname).1s %(name)s: %(message)s", stream=sys.stderr)
+    logging.captureWarnings(True)  # library warnings (small-sample FID, ...) as one log line each
     for noisy in ("matplotlib", "PIL", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -1,8 +1,6 @@
 import pytest
 
-# Even smaller than experiment=smoke: seconds per stage on a 2-core CPU.
-TINY = ["experiment=smoke", "runtime=inline", "data.n=240", "train.max_steps=6", "train.ckpt_every=3",
-        "train.sample_every=null", "classify.epochs=2", "progress=false"]
+from stage_args import GEN, TINY, TRAIN
 
 
 @pytest.fixture
@@ -15,3 +13,24 @@ def in_tmp(tmp_path, monkeypatch):
     """Run in a temporary working directory (runs/ and runs/train/latest land there)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """One tiny train run (cgan + fixed_point + the labeller classifier) shared by the stage tests."""
+    from augment.cli import main
+
+    root = tmp_path_factory.mktemp("models")
+    assert main(["train", *TRAIN, "--out", str(root / "run")]) == 0
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def synthetic(models, tmp_path_factory):
+    from augment.cli import main
+
+    out = tmp_path_factory.mktemp("syn") / "set"
+    assert main(["generate", *GEN, "--n", "20", "--models", str(models), "--out", str(out)]) == 0
+    return out

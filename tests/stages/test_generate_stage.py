@@ -17,17 +17,7 @@ from augment.cli import main
 from augment.data.sources import load_table
 from augment.data.synthetic import SyntheticDataset
 
-TRAIN = ["experiment=smoke", "runtime=inline", "data.n=240", "train.max_steps=6", "train.ckpt_every=3",
-         "train.sample_every=null", "classify.epochs=1", "progress=false"]
-GEN = ["experiment=smoke", "runtime=inline", "data.n=240", "progress=false", "generate.shard_size=16",
-       "generate.batch_size=8", "--classes", "edema,hernia"]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    assert main(["train", *TRAIN, "--out", str(root / "run")]) == 0
-    return root / "run"
+from stage_args import GEN, TRAIN  # noqa: F401
 
 
 def digest(folder: Path) -> dict[str, str]:

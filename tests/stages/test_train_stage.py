@@ -14,7 +14,7 @@ from generators.checkpoint import load_checkpoint
 def test_train_sampler_and_translator_inline_write_loadable_checkpoints(in_tmp, tiny):
     assert main(["train", *tiny, "generator=cgan", "translator=fixed_point", "--out", "t"]) == 0
     m = json.loads((in_tmp / "t" / "metrics.json").read_text())
-    assert set(m["models"]) == {"cgan", "fixed_point"}
+    assert set(m["models"]) == {"cgan", "fixed_point", "classifier"}  # the cgan brings its pseudo-labeller
     assert Path(LATEST.read_text().strip()) == (in_tmp / "t").resolve()
     assert find_models(None) == (in_tmp / "t").resolve()
     for fam in ("cgan", "fixed_point"):
