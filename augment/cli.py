@@ -94,6 +94,12 @@ COMMANDS: dict[str, Command] = {
         (("--study",), {"help": "study name (default: the space name)"}, "search.study='{}'"),
         (("--timeout",), {"type": float, "help": "seconds after which no new trial is started"}, "search.timeout={}"),
     ], wants_overrides=True),
+    "run": Command("run", "augment.stages.run:run",
+                   "the whole flow: train -> baseline -> generate -> augmented -> evaluate -> report (resumable)", [
+        (("--from",), {"dest": "from_step", "metavar": "STEP",
+                       "help": "rerun from this step: train, baseline, generate, augmented, evaluate or report"},
+         "run.from_step={}"),
+    ], wants_overrides=True),
 }
 
 
@@ -181,7 +187,12 @@ def run_command(name: str, overrides: Sequence[str]) -> dict:
     cmd = COMMANDS[name]
     family_free = [o for o in overrides if not (o.split("=", 1)[0] in ("generator", "translator") and "," in o)]
     cfg = compose(family_free)
-    out = output_dir(cfg.get("out"), name)
+    if name == "run" and not cfg.get("out"):  # a stable folder, so running the same command again resumes
+        from augment.stages.run import default_out
+
+        out = Path(default_out(cfg))
+    else:
+        out = output_dir(cfg.get("out"), name)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:

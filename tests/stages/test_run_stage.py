@@ -1,0 +1,78 @@
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from augment.cli import main
+from stage_args import TINY
+
+RUN = [*TINY, "generate.n=12", "generate.shard_size=16", "generate.batch_size=8", "classify.epochs=1",
+       "evaluate.kid_subsets=5"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "smoke"
+    assert main(["run", *RUN, "--out", str(out)]) == 0
+    return out
+
+
+def test_run_smoke_writes_every_step_and_the_report(smoke_run):
+    for step in ("train", "baseline", "synthetic", "augmented", "evaluate"):
+        assert (smoke_run / step).is_dir(), step
+    m = json.loads((smoke_run / "metrics.json").read_text())
+    assert set(m["steps"]) == {"train", "baseline", "generate", "augmented", "evaluate", "report"}
+    assert len(list((smoke_run / "synthetic" / "images").glob("*.png"))) == 12
+
+
+def test_report_structure(smoke_run):
+    md = (smoke_run / "report.md").read_text()
+    for heading in ("## Configuration", "## Real vs synthetic samples", "## Classifier AUC on the held-out test split",
+                    "## Image quality", "## Mask quality", "## Timings and throughput", "## Versions"):
+        assert heading in md, heading
+    assert re.search(r"\| Edema \| [0-9.]+ \| [0-9.]+ \| [+-][0-9.]+ \|", md)
+    html = (smoke_run / "report.html").read_text()
+    assert html.count("<img") >= 2 and html.count("data:image/png;base64,") == html.count("<img")
+    assert "report_files/" not in html  # self-contained: no links to files beside it
+    assert html.count("<table>") >= 4
+
+
+def test_rerun_skips_done_steps_and_from_reruns_later_ones(smoke_run, capsys):
+    before = (smoke_run / "baseline" / "done.json").read_text()
+    assert main(["run", *RUN, "--out", str(smoke_run)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date, skipped") == 6
+    assert main(["run", *RUN, "--out", str(smoke_run), "--from", "augmented"]) == 0
+    out = capsys.readouterr().out
+    assert "[baseline] up to date" in out and "[augmented] running" in out and "[report] running" in out
+    assert (smoke_run / "baseline" / "done.json").read_text() == before
+    # a changed classify setting reruns baseline and everything after it, not train
+    assert main(["run", *RUN, "--out", str(smoke_run), "classify.lr=0.002"]) == 0
+    out = capsys.readouterr().out
+    assert "[train] up to date" in out and "[baseline] running" in out and "[generate] running" not in out.split("[baseline]")[0]
+
+
+def test_bad_from_step(tmp_path, capsys):
+    assert main(["run", *RUN, "--out", str(tmp_path / "r"), "--from", "nowhere"]) == 2
+    assert "choose one of" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(smoke_run, tmp_path):
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    png = tmp_path / "report.png"
+    subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2400", f"--screenshot={png}",
+                    (smoke_run / "report.html").as_uri()], check=True, timeout=120, capture_output=True)
+    from PIL import Image
+    import numpy as np
+
+    arr = np.asarray(Image.open(png).convert("L"))
+    assert arr.std() > 10, "the rendered report is blank"
+    assert (arr < 128).mean() > 0.01
