@@ -19,8 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/augment data show data=phantom
-	$(BIN)/augment data show data=folder data.root=../shared/data/cxr-real --classes edema,hernia,pneumonia,effusion
+	$(BIN)/augment run experiment=quickstart
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
