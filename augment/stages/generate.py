@@ -205,8 +205,12 @@ def plan_quotas(classes: list[str], n: int, per_class: bool) -> dict[str, int]:
     return {c: base + (1 if i < extra else 0) for i, c in enumerate(classes)}
 
 
-def assemble(out: Path, shard_names: list[str], quotas: dict[str, int], classes: list[str], conditional: bool,
-             generator_name: str, seed: int) -> tuple[dict[str, int], int, list[dict]]:
+def shard_name(stream: str, k: int) -> str:
+    return f"{stream.lower() if stream != '*' else 'u'}-{k:05d}"
+
+
+def assemble(out: Path, shard_names: list[str], quotas: dict[str, int], classes: list[str],
+             conditional: bool) -> tuple[dict[str, int], int, list[dict]]:
     """Walk shards in order and keep candidates until every quota is full. Returns counts, the number
     of rejected samples and the kept rows (each with its shard)."""
     kept = {c: 0 for c in classes}
@@ -316,9 +320,10 @@ def generate(cfg: DictConfig, out: Path) -> dict:
           f"{' + ' + str(g.translator) + ' masks' if g.translator else ''}, t={t}, into {out}")
     try:
         while True:
-            order = [f"{s.lower() if s != '*' else 'u'}-{k:05d}" for s in streams for k in range(next_k[s])]
-            kept, rejected, _ = assemble(out, [o for o in order if o in summaries], quotas, classes, conditional, "", 0)
+            order = [shard_name(s, k) for s in streams for k in range(next_k[s])]
+            kept, rejected, _ = assemble(out, order, quotas, classes, conditional)
             todo_streams = [s for s in streams if (kept[s] < quotas[s] if conditional else any(kept[c] < quotas[c] for c in classes))]
+            log.info("generate: %d / %d images kept", sum(kept.values()), bar_total)
             if not todo_streams:
                 break
             over = [s for s in todo_streams if next_k[s] >= cap]
@@ -335,17 +340,15 @@ def generate(cfg: DictConfig, out: Path) -> dict:
                 rate = max(1e-3, sum(x["candidates"] for x in seen) / max(1, sum(x["attempts"] for x in seen))) if seen else 1.0
                 m = max(1, min(int(g.workers), math.ceil(need / rate / int(g.shard_size)), cap - next_k[s]))
                 for _ in range(m):
-                    name = f"{s.lower() if s != '*' else 'u'}-{next_k[s]:05d}"
+                    name = shard_name(s, next_k[s])
                     specs.append({"stream": s, "k": next_k[s], "name": name})
                     next_k[s] += 1
             for res in progress(pool.map(specs), total=len(specs), desc="shards", enabled=bool(cfg.progress)):
                 summaries[res["name"]] = res
-            kept_now = sum(assemble(out, [o for o in [f"{s.lower() if s != '*' else 'u'}-{k:05d}" for s in streams for k in range(next_k[s])] if o in summaries], quotas, classes, conditional, "", 0)[0].values())
-            log.info("generate: %d / %d images kept", kept_now, bar_total)
     finally:
         pool.close()
-    order = [f"{s.lower() if s != '*' else 'u'}-{k:05d}" for s in streams for k in range(next_k[s])]
-    kept, rejected, rows = assemble(out, order, quotas, classes, conditional, "", 0)
+    order = [shard_name(s, k) for s in streams for k in range(next_k[s])]
+    kept, rejected, rows = assemble(out, order, quotas, classes, conditional)
     seconds = time.perf_counter() - t0
     timings = {k: sum(summaries[o]["timings"][k] for o in order) for k in ("sample", "label", "translate", "write")}
     card = finalize(out, rows, classes, cfg, kept, rejected, t, {

@@ -117,7 +117,11 @@ def run(cfg: DictConfig, out: Path, overrides: list[str] | None = None) -> dict:
             metrics = generate_stage.generate(step_cfg, folder)
             summary = {"counts": metrics["counts"], "images_per_second": metrics["images_per_second"]}
         elif step == "evaluate":
-            step_cfg = _with(cfg, **{"evaluate.models": str(models.resolve()), "evaluate.synthetic": str((out / "synthetic").resolve())})
+            # Domain features and class fidelity from a baseline classifier: trained on the real data only and
+            # independent of the pseudo-labeller that selected the synthetic images.
+            feature = sorted((out / "baseline").glob("seed*/best.pt"))
+            step_cfg = _with(cfg, **{"evaluate.models": str(models.resolve()), "evaluate.synthetic": str((out / "synthetic").resolve()),
+                                     **({"evaluate.feature_checkpoint": str(feature[0].resolve())} if feature else {})})
             metrics = evaluate_stage.evaluate(step_cfg, folder)
             summary = {"image_quality": (metrics.get("image_quality") or {}).get("overall")}
         else:
