@@ -36,15 +36,22 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def limited_train_indices(table: DataTable, classes: list[str], limits: dict[str, int], seed: int) -> np.ndarray:
-    """Train rows, keeping at most ``limits[c]`` positives of each limited class (seeded)."""
+def limited_train_indices(table: DataTable, cfg: dict) -> np.ndarray:
+    """Train rows, keeping at most ``classify.limit_positives[c]`` positives of each limited class.
+
+    The subset is drawn once from ``classify.limit_seed`` (not the training seed), so every model of
+    a run (generators, pseudo-labeller, baseline and augmented classifiers of every seed) sees the
+    same real images: the synthetic data cannot smuggle in real positives a baseline never saw.
+    """
+    ccfg = cfg["classify"]
     idx = table.indices("train")
+    limits = dict(ccfg.get("limit_positives") or {})
     if not limits:
         return idx
-    rng = np.random.default_rng([seed, 7])
+    rng = np.random.default_rng([int(ccfg.get("limit_seed") or 0), 7])
     drop: set[int] = set()
     for name, cap in limits.items():
-        col = table.column(name)[idx]
+        col = table.column(resolve_classes([name])[0])[idx]
         pos = idx[col == 1]
         if len(pos) > int(cap):
             drop.update(rng.choice(pos, size=len(pos) - int(cap), replace=False).tolist())
@@ -74,8 +81,12 @@ def open_synthetic(dirs: list[str], classes: list[str], threshold: float | None,
     return sets[0] if len(sets) == 1 else ConcatDataset(sets)
 
 
-def train_one(payload: dict) -> dict:
-    """One seed: train (or load) a classifier, evaluate on test. A Ray work unit (plain dict in/out)."""
+def train_one(payload: dict, on_epoch: Any = None) -> dict:
+    """One seed: train (or load) a classifier, evaluate on test. A Ray work unit (plain dict in/out).
+
+    ``on_epoch(epoch, metrics)`` (in-process only, e.g. a search's pruning callback) is called after
+    every validation with ``metrics["val_mean_auc"]``; an exception it raises stops training and
+    propagates (after the best weights are restored)."""
     from classifiers.evaluate import choose_thresholds, evaluate, predict
     from classifiers.model import load_classifier, save_checkpoint
     from classifiers.train import train_classifier
@@ -85,7 +96,7 @@ def train_one(payload: dict) -> dict:
     classes = payload["classes"]
     table = load_table(cfg["data"], show_progress=False)
     device = pick_device(str(ccfg["device"]))
-    train_idx = limited_train_indices(table, classes, dict(ccfg.get("limit_positives") or {}), seed)
+    train_idx = limited_train_indices(table, cfg)
     train_ds = XrayDataset(table, train_idx, classes)
     val_ds = XrayDataset(table, table.indices("val"), classes)
     test_ds = XrayDataset(table, table.indices("test"), classes)
@@ -121,7 +132,7 @@ def train_one(payload: dict) -> dict:
             ckpt_meta={"model_cfg": {**model_cfg, "num_classes": len(classes)}, "classes": classes,
                        "image_size": table.image_size, "extra": {"data_fingerprint": table.fingerprint, "seed": seed}},
             num_workers=int(ccfg["num_workers"]), amp=bool(ccfg["amp"]), sampler=sampler,
-            progress=bool(cfg.get("progress", True)),
+            progress=bool(cfg.get("progress", True)), on_epoch=on_epoch,
         )
         info.update(best_epoch=result.best_epoch, best_val_auc=result.best_val_auc,
                     train_seconds=result.train_seconds, images_per_second=result.images_per_second)

@@ -75,7 +75,9 @@ def train_one(payload: dict) -> dict:
     out = Path(payload["out"])
     table = load_table(cfg["data"], show_progress=False)
     mcfg = model_config(kind, cfg[kind], classes)
-    rows = training_rows(table, classes)
+    from augment.stages.classify import limited_train_indices
+
+    rows = np.intersect1d(training_rows(table, classes), limited_train_indices(table, cfg))  # same real data as the classifiers
     ds = XrayDataset(table, rows, mcfg["classes"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg["seed"]))  # weight init is drawn here; the caller's RNG state is restored

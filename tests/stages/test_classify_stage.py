@@ -61,3 +61,20 @@ def test_classify_refuses_a_folder_that_is_not_synthetic(in_tmp, tiny, capsys):
     (in_tmp / "junk" / "labels.csv").write_text("a,b\n1,2\n")
     assert main(["classify", *tiny, "--synthetic", str(in_tmp / "junk"), "--out", "c"]) == 2
     assert "lacks column" in capsys.readouterr().err
+
+
+def test_limit_positives_is_one_fixed_subset_for_every_model():
+    from augment.data.sources import load_table
+    from augment.stages.classify import limited_train_indices
+    from augment.stages.train import training_rows
+
+    table = load_table({"name": "phantom", "n": 300, "image_size": 32, "prevalence": {"Edema": 0.3}})
+    cfg = {"classify": {"limit_positives": {"edema": 5}, "limit_seed": 0}}
+    rows = limited_train_indices(table, cfg)
+    assert (table.column("Edema")[rows] == 1).sum() == 5
+    assert len(rows) == len(table.indices("train")) - ((table.column("Edema")[table.indices("train")] == 1).sum() - 5)
+    assert (limited_train_indices(table, cfg) == rows).all()  # no training seed involved
+    other = limited_train_indices(table, {"classify": {"limit_positives": {"Edema": 5}, "limit_seed": 1}})
+    assert set(other) != set(rows)
+    gan_rows = np.intersect1d(training_rows(table, ["Edema"]), rows)
+    assert (table.column("Edema")[gan_rows] == 1).sum() <= 5
