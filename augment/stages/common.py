@@ -84,7 +84,7 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def print_table(rows: list[list[Any]], header: list[str], file=sys.stdout) -> str:
+def print_table(rows: list[list[Any]], header: list[str], file=None) -> str:
     """Plain-text table (also returned as a string)."""
     cells = [[str(h) for h in header]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -94,7 +94,7 @@ def print_table(rows: list[list[Any]], header: list[str], file=sys.stdout) -> st
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     text = "\n".join(lines)
-    print(text, file=file)
+    print(text, file=file if file is not None else sys.stdout)
     return text
 
 
