@@ -34,6 +34,7 @@ class Command:
     help: str
     flags: list[tuple[tuple[str, ...], dict, str | None]] = field(default_factory=list)  # (names, argparse kw, override template)
     wants_overrides: bool = False  # the stage re-composes per model (e.g. generator=cgan,ucgan)
+    keep_partial: bool = False  # on an error, keep an --out that holds more than config.yaml (a rerun resumes)
 
 
 CLASSES_FLAG = (("--classes",), {"help": "comma-separated classes, case-insensitive, aliases allowed (edema,hernia)"}, "classes=[{}]")
@@ -85,6 +86,7 @@ COMMANDS: dict[str, Command] = {
     "search": Command("search", "augment.search:search",
                       "Optuna search (search=pseudo_label|ucgan_weights|translator_weights): trials share one study; "
                       "writes best.yaml (apply with --from-search), metrics.json and plots", [
+        CLASSES_FLAG,
         (("--trials",), {"type": int, "help": "trials to run now; rerunning with the same --out continues the study"},
          "search.n_trials={}"),
         (("--workers",), {"type": int, "help": "trial loops at once (Ray actors sharing the study, one GPU each where present)"},
@@ -93,7 +95,7 @@ COMMANDS: dict[str, Command] = {
                                   "postgresql://... for many machines)"}, "search.storage='{}'"),
         (("--study",), {"help": "study name (default: the space name)"}, "search.study='{}'"),
         (("--timeout",), {"type": float, "help": "seconds after which no new trial is started"}, "search.timeout={}"),
-    ], wants_overrides=True),
+    ], wants_overrides=True, keep_partial=True),
     "run": Command("run", "augment.stages.run:run",
                    "the whole flow: train -> baseline -> generate -> augmented -> evaluate -> report (resumable)", [
         (("--from",), {"dest": "from_step", "metavar": "STEP",
@@ -200,7 +202,8 @@ def run_command(name: str, overrides: Sequence[str]) -> dict:
         stage = resolve_target(cmd.target)
         metrics = stage(cfg, out, overrides=list(overrides)) if cmd.wants_overrides else stage(cfg, out)
     except (UserError, KeyboardInterrupt):
-        if created:  # refused or interrupted before anything useful: leave no trace
+        partial = cmd.keep_partial and any(p.name != "config.yaml" for p in out.iterdir())
+        if created and not partial:  # refused or interrupted before anything useful: leave no trace
             shutil.rmtree(out, ignore_errors=True)
         raise
     metrics = {"command": name, **(metrics or {})}

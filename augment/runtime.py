@@ -58,6 +58,24 @@ def is_inline(runtime: Mapping[str, Any] | None) -> bool:
     return _get(runtime, "name", "local") == "inline"
 
 
+def resources(runtime: Mapping[str, Any] | None) -> dict[str, float]:
+    """CPUs and GPUs the runtime can give to workers: ``{"CPU": n, "GPU": g}``.
+
+    ``inline`` and ``local``: this machine (``runtime.num_cpus`` or ``os.cpu_count()``, CUDA devices);
+    ``cluster``: the connected Ray cluster's totals (connects first).
+    """
+    import torch
+
+    gpus = float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
+    if is_inline(runtime) or _get(runtime, "name", "local") != "cluster":
+        return {"CPU": float(_get(runtime, "num_cpus", os.cpu_count() or 1)), "GPU": gpus}
+    import ray
+
+    init(runtime)
+    total = ray.cluster_resources()
+    return {"CPU": float(total.get("CPU", 0.0)), "GPU": float(total.get("GPU", 0.0))}
+
+
 def init(runtime: Mapping[str, Any] | None) -> None:
     """Start or connect to Ray for ``runtime=local|cluster`` (no-op for inline or when running)."""
     if is_inline(runtime):
