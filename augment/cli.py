@@ -54,7 +54,7 @@ COMMANDS: dict[str, Command] = {
     ]),
     "train": Command("train", "augment.stages.train:train",
                      "train samplers (generator=cgan,ucgan) and translators (translator=fixed_point,taggan,branched) "
-                     "in parallel Ray actors", [CLASSES_FLAG], wants_overrides=True),
+                     "in parallel Ray actors", [CLASSES_FLAG], wants_overrides=True, keep_partial=True),
     "generate": Command("generate", "augment.stages.generate:generate",
                         "write pseudo-labeled synthetic X-rays with pixel masks (images/, masks/, labels.csv, dataset.json)", [
         (("--classes",), {"help": "classes to generate, comma-separated, case-insensitive (edema,hernia)"}, "classes=[{}]"),
@@ -75,6 +75,8 @@ COMMANDS: dict[str, Command] = {
         (("--resume",), {"action": "store_true", "help": "finish an interrupted run in --out (complete shards are kept)"},
          "generate.resume=true"),
         (("--overwrite",), {"action": "store_true", "help": "replace a non-empty --out"}, "generate.overwrite=true"),
+        (("--allow-short",), {"action": "store_true", "help": "write the images found when a class cannot fill its quota "
+                                                               "at this threshold (default: refuse)"}, "generate.allow_short=true"),
     ]),
     "evaluate": Command("evaluate", "augment.stages.evaluate:evaluate",
                         "mask metrics of the trained translators; FID/KID/IS/PR/class fidelity of --synthetic, with floors", [
@@ -101,7 +103,7 @@ COMMANDS: dict[str, Command] = {
         (("--from",), {"dest": "from_step", "metavar": "STEP",
                        "help": "rerun from this step: train, baseline, generate, augmented, evaluate or report"},
          "run.from_step={}"),
-    ], wants_overrides=True),
+    ], wants_overrides=True, keep_partial=True),
 }
 
 
@@ -201,10 +203,14 @@ def run_command(name: str, overrides: Sequence[str]) -> dict:
         save_config(cfg, out / "config.yaml")
         stage = resolve_target(cmd.target)
         metrics = stage(cfg, out, overrides=list(overrides)) if cmd.wants_overrides else stage(cfg, out)
-    except (UserError, KeyboardInterrupt):
+    except (UserError, KeyboardInterrupt) as exc:
         partial = cmd.keep_partial and any(p.name != "config.yaml" for p in out.iterdir())
         if created and not partial:  # refused or interrupted before anything useful: leave no trace
             shutil.rmtree(out, ignore_errors=True)
+        elif partial and isinstance(exc, UserError):  # finished work (checkpoints, done steps) is kept
+            kept = UserError(f"{exc} (finished work is kept in {out}: the same command resumes)")
+            kept.exit_code = exc.exit_code
+            raise kept from None
         raise
     metrics = {"command": name, **(metrics or {})}
     write_json(out / "metrics.json", metrics)

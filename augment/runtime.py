@@ -121,7 +121,8 @@ def actor_class(runtime: Mapping[str, Any] | None, *, num_gpus: float | None = N
 
 
 def run_all(target: str, payloads: Sequence[dict], runtime: Mapping[str, Any] | None, *,
-            on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
+            on_result: Callable[[int, Any], None] | None = None,
+            poll: Callable[[], None] | None = None, poll_s: float = 2.0) -> list[Any]:
     """Run ``target(payload)`` for every payload, in parallel actors (or inline), in order.
 
     Args:
@@ -129,6 +130,9 @@ def run_all(target: str, payloads: Sequence[dict], runtime: Mapping[str, Any] | 
         payloads: plain, resolved dicts (one actor each).
         runtime: the ``runtime`` config node.
         on_result: called as results arrive (index, result), e.g. for progress.
+        poll: called every ``poll_s`` seconds while actors work (e.g. a driver-side progress
+            display that reads the units' own logs); not called inline, where each unit shows
+            its own progress bar.
 
     Returns:
         The results in the order of ``payloads``. A failing unit re-raises its error here after
@@ -153,7 +157,9 @@ def run_all(target: str, payloads: Sequence[dict], runtime: Mapping[str, Any] | 
     pending = list(refs)
     try:
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            done, pending = ray.wait(pending, num_returns=1, timeout=poll_s if poll else None)
+            if poll:
+                poll()
             for ref in done:
                 i = index[ref]
                 try:

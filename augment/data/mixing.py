@@ -110,6 +110,9 @@ class MixedBatchSampler(Sampler[list[int]]):
         ratio: synthetic:real ratio ``r >= 0``.
         generator: source of all randomness; each ``iter()`` continues from its state.
         num_batches: batches per epoch (default as above).
+        real_weights: optional per-real-item sampling weights (class-balanced sampling of the real
+            part, e.g. ``classifiers.train.balanced_sample_weights``): real indices are then drawn
+            with replacement in proportion to them; the synthetic stream and the ratio are unchanged.
 
     Raises:
         ValueError: no real items, a ratio that leaves no real slot, or synthetic slots without
@@ -125,6 +128,7 @@ class MixedBatchSampler(Sampler[list[int]]):
         ratio: float,
         generator: torch.Generator,
         num_batches: int | None = None,
+        real_weights: Sequence[float] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -145,6 +149,12 @@ class MixedBatchSampler(Sampler[list[int]]):
         if num_batches is not None and num_batches < 1:
             raise ValueError(f"num_batches must be >= 1, got {num_batches}")
         self.num_batches = num_batches if num_batches is not None else math.ceil(self.n_real / self.n_real_per_batch)
+        self.real_weights = None
+        if real_weights is not None:
+            w = torch.as_tensor(list(real_weights), dtype=torch.double)
+            if w.shape != (self.n_real,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+                raise ValueError(f"real_weights must be {self.n_real} finite non-negative numbers with a positive sum")
+            self.real_weights = w
 
     def __len__(self) -> int:
         return self.num_batches
@@ -154,8 +164,12 @@ class MixedBatchSampler(Sampler[list[int]]):
             for i in torch.randperm(n, generator=self.generator).tolist():
                 yield offset + i
 
+    def _weighted(self) -> Iterator[int]:
+        while True:
+            yield from torch.multinomial(self.real_weights, self.n_real, replacement=True, generator=self.generator).tolist()
+
     def __iter__(self) -> Iterator[list[int]]:
-        real = self._stream(self.n_real, 0)
+        real = self._stream(self.n_real, 0) if self.real_weights is None else self._weighted()
         syn = self._stream(self.n_synthetic, self.n_real) if self.n_syn_per_batch else iter(())
         for _ in range(self.num_batches):
             batch = [next(real) for _ in range(self.n_real_per_batch)]

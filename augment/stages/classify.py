@@ -122,8 +122,15 @@ def train_one(payload: dict, on_epoch: Any = None) -> dict:
 
             syn = open_synthetic(payload["synthetic"], classes, ccfg.get("threshold"), table.image_size)
             ds = MixedDataset(train_ds, syn, xi=float(ccfg["xi"]))
+            weights = None
+            if bool(ccfg["balanced"]):  # the real part stays class-balanced, as in the real-only baseline
+                from classifiers.data import dataset_labels
+                from classifiers.train import balanced_sample_weights
+
+                weights = balanced_sample_weights(dataset_labels(train_ds))
             sampler = MixedBatchSampler(len(train_ds), len(syn), batch_size=int(ccfg["batch_size"]),
-                                        ratio=float(ccfg["ratio"]), generator=torch.Generator().manual_seed(seed))
+                                        ratio=float(ccfg["ratio"]), generator=torch.Generator().manual_seed(seed),
+                                        real_weights=weights)
             info["n_train_synthetic"] = len(syn)
         result = train_classifier(
             model, ds, val_ds, epochs=int(ccfg["epochs"]), batch_size=int(ccfg["batch_size"]), lr=float(ccfg["lr"]),

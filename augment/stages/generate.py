@@ -313,6 +313,7 @@ def generate(cfg: DictConfig, out: Path) -> dict:
     pool = runtime.StatefulPool("augment.stages.generate:ShardWorker", payload, int(g.workers),
                                 {"name": "inline"} if int(g.workers) == 1 else cfg.runtime)
     next_k = {s: 0 for s in streams}
+    warned: list[list[str]] = []
     done: list[str] = []
     summaries: dict[str, dict] = {}
     bar_total = sum(quotas.values())
@@ -329,9 +330,17 @@ def generate(cfg: DictConfig, out: Path) -> dict:
             over = [s for s in todo_streams if next_k[s] >= cap]
             if over:
                 short = {c: f"{kept[c]}/{quotas[c]}" for c in classes if kept[c] < quotas[c]}
-                raise UserError(f"pseudo-label quota not reached after {cap * int(g.shard_size)} samples per stream "
-                                f"({', '.join(f'{c} {v}' for c, v in short.items())} kept at t={t}): lower --threshold, "
-                                "train the models longer, or raise generate.max_factor")
+                what = (f"pseudo-label quota not reached after {cap * int(g.shard_size)} samples per stream "
+                        f"({', '.join(f'{c} {v}' for c, v in short.items())} kept at t={t})")
+                if not bool(g.allow_short) or sum(kept.values()) == 0:
+                    raise UserError(f"{what}: lower --threshold, train the models longer, raise generate.max_factor"
+                                    + ("" if sum(kept.values()) == 0 else ", or pass --allow-short to keep what was found"))
+                if over not in warned:
+                    log.warning("generate: %s; --allow-short: writing the images found", what)
+                    warned.append(over)
+                todo_streams = [s for s in todo_streams if s not in over]
+                if not todo_streams:
+                    break
             specs = []
             for s in todo_streams:
                 # enough shards for the missing images at the acceptance rate seen so far (at least one, at most workers)
@@ -350,6 +359,7 @@ def generate(cfg: DictConfig, out: Path) -> dict:
     order = [shard_name(s, k) for s in streams for k in range(next_k[s])]
     kept, rejected, rows = assemble(out, order, quotas, classes, conditional)
     seconds = time.perf_counter() - t0
+    n = sum(kept.values())  # fewer than asked only with --allow-short
     timings = {k: sum(summaries[o]["timings"][k] for o in order) for k in ("sample", "label", "translate", "write")}
     card = finalize(out, rows, classes, cfg, kept, rejected, t, {
         "sampler": {"family": str(g.sampler), "checkpoint": str(sampler_ckpt), "sha256": sha256(sampler_ckpt)},

@@ -21,6 +21,7 @@ from augment.data.labels import NO_FINDING, VOCABULARY
 from augment.data.sources import load_table
 from augment.data.table import DataTable, XrayDataset
 from augment.errors import UserError
+from augment.progress import StepWatcher
 from augment.stages.common import markdown_table, resolve_classes, versions
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def train_one(payload: dict) -> dict:
     t0 = time.perf_counter()
     try:
         metrics = fit(
-            system, ds, batch_size=int(tcfg["batch_size"]), max_steps=int(tcfg["max_steps"]), device=str(tcfg["device"]),
+            system, ds, batch_size=int(tcfg.get(f"{kind}_batch_size") or tcfg["batch_size"]), max_steps=int(tcfg["max_steps"]), device=str(tcfg["device"]),
             seed=int(cfg["seed"]), ckpt_dir=out, ckpt_every=int(tcfg["ckpt_every"]), resume=bool(tcfg["resume"]),
             ema_decay=tcfg.get("ema_decay"), amp=bool(tcfg["amp"]), balanced=bool(tcfg["balanced"]),
             num_workers=int(tcfg["num_workers"]), sample_every=tcfg.get("sample_every"),
@@ -111,6 +112,8 @@ def _train_labeller(payload: dict) -> dict:
     from augment.stages.classify import train_one as classify_one
 
     cfg = payload["cfg"]
+    balanced = cfg["train"].get("labeller_balanced", True)
+    cfg = {**cfg, "classify": {**cfg["classify"], "balanced": bool(balanced)}}
     t0 = time.perf_counter()
     info = classify_one({"cfg": cfg, "seed": int(cfg["seed"]), "out": payload["out"], "classes": payload["classes"],
                          "synthetic": []})
@@ -175,7 +178,13 @@ def train(cfg: DictConfig, out: Path, overrides: list[str] | None = None) -> dic
           f"classes {', '.join(classes)}, {int(cfg.train.max_steps)} steps each"
           + ("" if runtime.is_inline(cfg.runtime) else f" (Ray actors, {runtime.gpus_per_worker(cfg.runtime):g} GPU each)"))
     t0 = time.perf_counter()
-    results = runtime.run_all("augment.stages.train:train_one", payloads, cfg.runtime)
+    watcher = StepWatcher({p["family"] if p["kind"] != "classifier" else "classifier":
+                           ((Path(p["out"]) / "metrics.jsonl") if p["kind"] != "classifier" else None, int(cfg.train.max_steps))
+                           for p in payloads}, desc="train", enabled=bool(cfg.progress))
+    try:
+        results = runtime.run_all("augment.stages.train:train_one", payloads, cfg.runtime, poll=watcher)
+    finally:
+        watcher.close()
     LATEST.parent.mkdir(parents=True, exist_ok=True)
     LATEST.write_text(str(out.resolve()) + "\n")
     rows = [[r["family"], r["kind"], r["steps"], f"{r['seconds']:.1f}", (f"{r['steps_per_second']:.2f}" if r["steps_per_second"] else "-"), r["checkpoint"]]

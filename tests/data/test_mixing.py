@@ -134,3 +134,21 @@ def test_training_with_zero_xi_equals_training_on_real_alone() -> None:
         assert torch.allclose(pa, pb, atol=1e-6)
     c = fit(MixedDataset(real, syn, xi=1.0), batches)
     assert not torch.allclose(a[1].weight, c[1].weight, atol=1e-4)
+
+
+def test_real_weights_balance_the_real_part_and_keep_the_ratio() -> None:
+    # 90 real items of which 10 positive: with balanced weights the positives fill about half of the real slots
+    labels = np.zeros((90, 1), dtype=np.float32)
+    labels[:10] = 1
+    from classifiers.train import balanced_sample_weights
+
+    w = balanced_sample_weights(labels)
+    s = MixedBatchSampler(90, 30, batch_size=16, ratio=1.0, generator=torch.Generator().manual_seed(0),
+                          real_weights=w, num_batches=200)
+    real = [i for b in s for i in b if i < 90]
+    syn = [i for b in s for i in b if i >= 90]
+    assert len(real) == len(syn) == 200 * 8
+    share = np.mean(np.array(real) < 10)
+    assert 0.4 < share < 0.6  # without weights it would be about 10/90
+    with pytest.raises(ValueError, match="real_weights"):
+        MixedBatchSampler(90, 30, batch_size=16, ratio=1.0, generator=torch.Generator(), real_weights=w[:5])

@@ -163,3 +163,26 @@ def test_killed_run_resumes_to_exactly_n_identical_images(models, tmp_path):
     assert main(["generate", *args, "--out", str(out), "--resume"]) == 0
     check_dataset(out, 24)
     assert digest(out) == digest(ref)
+
+
+def test_a_class_short_of_its_quota_is_refused_unless_allow_short(models, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from augment.stages import generate as gen
+
+    def only_edema(self, x):  # a labeller that never finds Hernia
+        p = torch.zeros(len(x), len(self.classes))
+        p[:, self.classes.index("Edema")] = 0.9
+        return p
+
+    monkeypatch.setattr(gen.ShardWorker, "pseudo_probs", only_edema)
+    args = ["generate", *GEN, "--n", "8", "--models", str(models), "generate.max_factor=2", "generate.shard_size=8"]
+    assert main([*args, "--out", str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err
+    assert "Hernia 0/4" in err and "--allow-short" in err and "Traceback" not in err
+    assert not (tmp_path / "strict").exists()
+    assert main([*args, "--allow-short", "--out", str(tmp_path / "short")]) == 0
+    df = check_dataset(tmp_path / "short", 4)
+    assert (df["Finding Labels"] == "Edema").all()
+    card = json.loads((tmp_path / "short" / "dataset.json").read_text())
+    assert card["counts"] == {"Edema": 4, "Hernia": 0} and card["n"] == 4

@@ -76,3 +76,25 @@ def test_report_renders_in_headless_chromium(smoke_run, tmp_path):
     arr = np.asarray(Image.open(png).convert("L"))
     assert arr.std() > 10, "the rendered report is blank"
     assert (arr < 128).mean() > 0.01
+
+
+def test_a_failed_step_keeps_the_finished_steps_for_the_rerun(tmp_path, monkeypatch, capsys):
+    """A refusal in a late step must not delete the models an earlier step trained."""
+    from augment.errors import UserError
+    from augment.stages import classify, train
+
+    def fake_train(cfg, folder, overrides=None):
+        (folder / "models").mkdir()
+        return {"models": {"cgan": {"steps_per_second": 1.0, "seconds": 1.0}}}
+
+    def refuse(cfg, folder):
+        raise UserError("no positive image of Hernia in the test split")
+
+    monkeypatch.setattr(train, "train", fake_train)
+    monkeypatch.setattr(classify, "classify", refuse)
+    out = tmp_path / "r"
+    assert main(["run", *RUN, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no positive image of Hernia" in err and "the same command resumes" in err and "Traceback" not in err
+    assert (out / "train" / "done.json").is_file() and (out / "train" / "models").is_dir()
+    assert not (out / "baseline" / "done.json").exists()
