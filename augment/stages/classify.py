@@ -58,6 +58,22 @@ def limited_train_indices(table: DataTable, cfg: dict) -> np.ndarray:
     return np.asarray([i for i in idx if i not in drop], dtype=np.int64)
 
 
+def selected_rows(table: DataTable, classes: list[str], negatives: str):
+    """A filter of row indices: ``all`` keeps every image (a class's negatives are all the others);
+    ``no_finding`` keeps images positive for a selected class or labelled No Finding, so the task is
+    "finding vs No Finding" (images with only other findings are left out)."""
+    if negatives == "all":
+        return lambda idx: idx
+    if negatives != "no_finding":
+        raise UserError(f"classify.negatives={negatives}: choose all or no_finding")
+    if NO_FINDING not in table.labelled_classes():
+        raise UserError(f"classify.negatives=no_finding: data={table.source} has no {NO_FINDING} label; use all")
+    ok = np.asarray(table.column(NO_FINDING) == 1)
+    for c in classes:
+        ok |= np.asarray(table.column(c) == 1)
+    return lambda idx: np.asarray([i for i in idx if ok[i]], dtype=np.int64)
+
+
 def open_synthetic(dirs: list[str], classes: list[str], threshold: float | None, image_size: int) -> Any:
     """Concatenated synthetic sets over ``classes``; one-line errors for bad folders."""
     from torch.utils.data import ConcatDataset
@@ -96,10 +112,11 @@ def train_one(payload: dict, on_epoch: Any = None) -> dict:
     classes = payload["classes"]
     table = load_table(cfg["data"], show_progress=False)
     device = pick_device(str(ccfg["device"]))
-    train_idx = limited_train_indices(table, cfg)
+    keep = selected_rows(table, classes, str(ccfg.get("negatives") or "all"))
+    train_idx = keep(limited_train_indices(table, cfg))
     train_ds = XrayDataset(table, train_idx, classes)
-    val_ds = XrayDataset(table, table.indices("val"), classes)
-    test_ds = XrayDataset(table, table.indices("test"), classes)
+    val_ds = XrayDataset(table, keep(table.indices("val")), classes)
+    test_ds = XrayDataset(table, keep(table.indices("test")), classes)
     ckpt = out / f"seed{seed}" / "best.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -303,3 +303,20 @@ def test_fit_leaves_the_global_rng_alone(tmp_path: Path, dataset: FakeXrays) -> 
     fit(m, dataset, batch_size=4, max_steps=2, ckpt_dir=tmp_path, balanced=True, ema_decay=0.9, sample_every=2,
         progress=False)
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_ema_warms_up_so_a_short_run_does_not_sample_its_initial_weights(tmp_path: Path) -> None:
+    from generators.train import ema_decay_at
+
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1)
+    assert ema_decay_at(0.999, 100_000) == 0.999
+    assert all(ema_decay_at(0.999, n) <= ema_decay_at(0.999, n + 1) for n in range(2000))
+    m = tiny_cgan(seed=0)
+    init = {k: v.clone() for k, v in m.G.state_dict().items()}
+    fit(m, FakeXrays(), batch_size=4, max_steps=12, ckpt_dir=tmp_path, ema_decay=0.999, progress=False, seed=0)
+    ema = load_checkpoint(tmp_path / "checkpoint.pt")["ema_state_dict"]
+    raw = m.G.state_dict()
+    keys = [k for k, v in raw.items() if v.is_floating_point() and "running" not in k]
+    to_raw = sum(float((ema[k] - raw[k]).norm()) for k in keys)
+    init_to_raw = sum(float((init[k] - raw[k]).norm()) for k in keys)
+    assert to_raw < 0.5 * init_to_raw  # a fixed 0.999 would leave the EMA at 98.8 % of the initial weights

@@ -78,3 +78,19 @@ def test_limit_positives_is_one_fixed_subset_for_every_model():
     assert set(other) != set(rows)
     gan_rows = np.intersect1d(training_rows(table, ["Edema"]), rows)
     assert (table.column("Edema")[gan_rows] == 1).sum() <= 5
+
+
+def test_negatives_no_finding_keeps_only_the_selected_findings_and_no_finding():
+    from augment.data.sources import load_table
+    from augment.errors import UserError
+    from augment.stages.classify import selected_rows
+
+    table = load_table({"name": "phantom", "n": 300, "image_size": 32, "prevalence": {"Edema": 0.3, "Hernia": 0.3}})
+    idx = table.indices()
+    assert (selected_rows(table, ["Edema"], "all")(idx) == idx).all()
+    kept = selected_rows(table, ["Edema"], "no_finding")(idx)
+    edema, healthy, hernia = (table.column(c)[kept] == 1 for c in ("Edema", "No Finding", "Hernia"))
+    assert (edema | healthy).all() and not (hernia & ~edema).any()
+    assert 0 < len(kept) < len(idx)
+    with pytest.raises(UserError, match="choose all or no_finding"):
+        selected_rows(table, ["Edema"], "others")
