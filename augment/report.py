@@ -121,6 +121,9 @@ def sample_grid(real: list[tuple[str, np.ndarray]], synthetic: list[tuple[str, n
                 ax.set_yticks([])
                 if item is None:
                     ax.axis("off")
+                    if k == 0 and row == 2 * r + 1 and not syns:  # say so rather than leave a blank row
+                        ax.text(0.0, 0.5, f"{c}: no synthetic image passed the pseudo-label threshold",
+                                transform=ax.transAxes, fontsize=8, va="center", ha="left", clip_on=False)
                     continue
                 im, masks = (item, []) if row == 2 * r else item
                 ax.imshow(im, cmap="gray", vmin=0, vmax=255)
@@ -178,7 +181,9 @@ def build_report(run: Path, cfg: dict, timings: dict[str, float]) -> dict[str, P
                            ["classifier", cfg["classifier"]["model_name"]],
                            ["sampler / translator", f"{cfg['generate']['sampler']} / {cfg['generate']['translator']}"],
                            ["seeds", ", ".join(map(str, cfg["classify"]["seeds"]))],
-                           ["synthetic images", f"{cfg['generate']['n']} at pseudo-label threshold t={cfg['generate']['threshold']}"],
+                           ["synthetic images", f"{cfg['generate']['n']} requested at pseudo-label threshold t={cfg['generate']['threshold']}"
+                            + (f"; kept {sum(gen['counts'].values())} ("
+                               + ", ".join(f"{c} {n}" for c, n in gen["counts"].items()) + ")" if gen and gen.get("counts") else "")],
                            ["mix", f"ratio r={cfg['classify']['ratio']}, weight xi={cfg['classify']['xi']}"],
                            ["real positives limited to", json.dumps(cfg["classify"].get("limit_positives") or {}) or "-"]],
                           ["setting", "value"]), ""]

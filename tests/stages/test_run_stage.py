@@ -34,6 +34,7 @@ def test_report_structure(smoke_run):
                     "## Image quality", "## Mask quality", "## Timings and throughput", "## Versions"):
         assert heading in md, heading
     assert re.search(r"\| Edema \| [0-9.]+ \| [0-9.]+ \| [+-][0-9.]+ \|", md)
+    assert re.search(r"requested at pseudo-label threshold t=[0-9.]+; kept [0-9]+ \(Edema [0-9]+", md)
     html = (smoke_run / "report.html").read_text()
     assert html.count("<img") >= 2 and html.count("data:image/png;base64,") == html.count("<img")
     assert "report_files/" not in html  # self-contained: no links to files beside it
