@@ -314,6 +314,7 @@ def generate(cfg: DictConfig, out: Path) -> dict:
                                 {"name": "inline"} if int(g.workers) == 1 else cfg.runtime)
     next_k = {s: 0 for s in streams}
     warned: list[list[str]] = []
+    last_logged = -1
     done: list[str] = []
     summaries: dict[str, dict] = {}
     bar_total = sum(quotas.values())
@@ -324,7 +325,9 @@ def generate(cfg: DictConfig, out: Path) -> dict:
             order = [shard_name(s, k) for s in streams for k in range(next_k[s])]
             kept, rejected, _ = assemble(out, order, quotas, classes, conditional)
             todo_streams = [s for s in streams if (kept[s] < quotas[s] if conditional else any(kept[c] < quotas[c] for c in classes))]
-            log.info("generate: %d / %d images kept", sum(kept.values()), bar_total)
+            if sum(kept.values()) != last_logged:  # one line per change, not per polling round
+                last_logged = sum(kept.values())
+                log.info("generate: %d / %d images kept", last_logged, bar_total)
             if not todo_streams:
                 break
             over = [s for s in todo_streams if next_k[s] >= cap]
