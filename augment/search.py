@@ -180,7 +180,7 @@ def prepare_pseudo_label(cfg: DictConfig, out: Path, base: list[str], ctx: dict)
             f"generate.models={quote(models)}", "generate.sampler=cgan", "generate.translator=none",
             f"generate.threshold={_num(t_low)}", f"generate.n={int(scfg.pool_n)}", "generate.per_class=false",
             "generate.resume=true", "generate.overwrite=false", "generate.labeller=auto",
-            f"classes=[{','.join(ctx['classes'])}]"])
+            "generate.allow_short=true", f"classes=[{','.join(ctx['classes'])}]"])
         print(f"search: generating the synthetic pool ({int(scfg.pool_n)} images at t={t_low}) into {pool}")
         generate(compose(gen_overrides), pool)
     card = json.loads((pool / "dataset.json").read_text())
@@ -600,6 +600,10 @@ def open_study(url: str, name: str, space: Space) -> optuna.Study:
 
 
 def check_ranges(space: Space, ranges: dict) -> None:
+    elsewhere = sorted(n for n in set(ranges) - set(space.params)
+                       if any(n in other.params for other in SPACES.values()))
+    for name in elsewhere:  # e.g. an experiment's ranges for another space (experiment=smoke sets threshold)
+        ranges.pop(name)
     unknown = sorted(set(ranges) - set(space.params))
     if unknown:
         raise UserError(f"search.params has {', '.join(unknown)}, not a parameter of search={space.name} "

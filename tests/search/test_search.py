@@ -322,3 +322,16 @@ def test_ucgan_weights_space_reports_auc_and_fid_on_a_pareto_front(in_tmp):
     cfg = compose(search_mod.read_best(out / "best.yaml"))
     assert cfg.generator._target_.endswith("UCGAN")
     assert cfg.generator.alpha == pytest.approx(m["best"]["params"]["alpha"])
+
+
+def test_experiment_smoke_ranges_suit_its_tiny_models_and_other_spaces_ignore_them():
+    """experiment=smoke lowers the pseudo-label threshold range (20-step models never reach 0.5, so a
+    pool at t=0.5 would be empty); a space that does not search the threshold drops that range."""
+    pl = compose(["search=pseudo_label", "experiment=smoke"])
+    ranges = search_mod.to_dict(pl.search.params)
+    search_mod.check_ranges(search_mod.SPACES["pseudo_label"], ranges)
+    assert ranges["threshold"]["low"] <= pl.generate.threshold < ranges["threshold"]["high"]
+    tw = search_mod.to_dict(compose(["search=translator_weights", "experiment=smoke"]).search.params)
+    assert "threshold" in tw
+    search_mod.check_ranges(search_mod.SPACES["translator_weights"], tw)
+    assert "threshold" not in tw and set(tw) <= set(search_mod.SPACES["translator_weights"].params)
