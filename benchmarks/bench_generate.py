@@ -216,15 +216,23 @@ def sample_images(size: int, n: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(a.astype(np.uint8)).resize((size, size), Image.BILINEAR)) for a in low])
 
 
-def per_item(fn, items, repeats: int) -> float:
-    """Median over repeats of the seconds per item of ``fn(item)`` over ``items``."""
-    times = []
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def measure(fn, repeats: int, per: int = 1) -> tuple[float, float]:
+    """(wall, CPU) seconds per item: medians over ``repeats`` calls of ``fn()``, divided by ``per``.
+
+    The parts are single-threaded numpy / PIL / scipy work, so this process's CPU time is close to
+    what one unshared core would take; the wall time includes waiting for a core on a loaded machine."""
+    walls, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for it in items:
-            fn(it)
-        times.append((time.perf_counter() - t0) / len(items))
-    return statistics.median(times)
+        w0, c0 = _clock()
+        fn()
+        w1, c1 = _clock()
+        walls.append((w1 - w0) / per)
+        cpus.append((c1 - c0) / per)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def bench_parts(args: argparse.Namespace) -> str:
@@ -241,65 +249,66 @@ def bench_parts(args: argparse.Namespace) -> str:
     la = loadavg()
     sid, z_dim = stream_id("Edema"), 128
     idx = list(range(n))
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the parts are per-row Python work; one thread keeps CPU time = work
 
-    def per_sample_noise() -> torch.Tensor:
-        return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(derive_seed(0, sid, i))) for i in idx])
+    def row(name: str, px: object, wc: tuple[float, float], note: str = "") -> None:
+        wall, cpu = wc
+        rows.append([name, px, f"{wall * 1e6:,.1f}", f"{cpu * 1e6:,.1f}", f"{1 / cpu:,.0f}" if cpu > 0 else "-", note])
+        print(table([rows[-1]], ["x"] * 6).splitlines()[-1], flush=True)
 
-    def batched_noise() -> torch.Tensor:
-        return torch.randn(n, z_dim, generator=torch.Generator().manual_seed(0))
-
-    t_ps = statistics.median(_timed(per_sample_noise) for _ in range(reps)) / n
-    t_b = statistics.median(_timed(batched_noise) for _ in range(reps)) / n
-    t_ds = per_item(lambda i: derive_seed(0, sid, i), idx, reps)
-    rows.append(["noise z (128-d), stage: derive_seed + Generator + randn per row", "-", f"{t_ps * 1e6:,.1f}",
-                 f"{1 / t_ps:,.0f}", f"of which derive_seed {t_ds * 1e6:,.1f} us"])
-    rows.append(["noise z (128-d), one batched randn", "-", f"{t_b * 1e6:,.2f}", f"{1 / t_b:,.0f}", ""])
+    per_sample = lambda: torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(  # noqa: E731
+        derive_seed(0, sid, i))) for i in idx])
+    row("noise z (128-d): derive_seed + torch.Generator + randn per row (as the stage)", "-", measure(per_sample, reps, n))
+    row("  of which derive_seed (numpy SeedSequence)", "-",
+        measure(lambda: [derive_seed(0, sid, i) for i in idx], reps, n))
+    row("noise z (128-d): one batched randn", "-",
+        measure(lambda: torch.randn(n, z_dim, generator=torch.Generator().manual_seed(0)), reps, n))
     tmp = Path(tempfile.mkdtemp(prefix="bench_gen_png_", dir=args.workdir))
     try:
         for size in args.sizes:
-            imgs = sample_images(size, 64 if args.quick else 256)
+            imgs = list(sample_images(size, 64 if args.quick else 256))
             rng = np.random.default_rng(0)
-            masks = []
-            for _ in range(len(imgs)):  # blob-like binary masks, 0/255
-                m = ndimage.gaussian_filter(rng.normal(size=(size, size)), size / 16) > 0.02
-                masks.append(m.astype(np.uint8) * 255)
+            masks = [(ndimage.gaussian_filter(rng.normal(size=(size, size)), size / 16) > 0.02).astype(np.uint8) * 255
+                     for _ in range(len(imgs))]
+            counter = iter(range(10**9))
 
-            def enc(level: int):
-                def f(a: np.ndarray) -> None:
-                    buf = io.BytesIO()
-                    Image.fromarray(a).save(buf, format="PNG", optimize=False, compress_level=level)
-                return f
+            def write_all(arrays: list[np.ndarray]) -> None:
+                for a in arrays:
+                    write_png(tmp / f"{next(counter)}.png", a)
 
-            k = iter(range(10**9))
-            t_w6 = per_item(lambda a: write_png(tmp / f"{next(k)}.png", a), list(imgs), reps)
-            t_e6 = per_item(enc(6), list(imgs), reps)
-            t_e1 = per_item(enc(1), list(imgs), reps)
-            t_m6 = per_item(lambda a: write_png(tmp / f"{next(k)}.png", a), masks, reps)
-            nbytes6 = np.mean([len(_png_bytes(a, 6)) for a in imgs[:32]])
-            nbytes1 = np.mean([len(_png_bytes(a, 1)) for a in imgs[:32]])
-            rows.append([f"PNG image, stage write_png (PIL level 6, to /tmp)", size, f"{t_w6 * 1e6:,.0f}", f"{1 / t_w6:,.0f}",
-                         f"{nbytes6 / 1024:.1f} KiB/image"])
-            rows.append([f"PNG image, encode only, level 6", size, f"{t_e6 * 1e6:,.0f}", f"{1 / t_e6:,.0f}", ""])
-            rows.append([f"PNG image, encode only, level 1", size, f"{t_e1 * 1e6:,.0f}", f"{1 / t_e1:,.0f}",
-                         f"{nbytes1 / 1024:.1f} KiB/image"])
-            rows.append([f"PNG mask (0/255), stage write_png", size, f"{t_m6 * 1e6:,.0f}", f"{1 / t_m6:,.0f}", ""])
-            # difference maps: a smooth blob of opacity on top of noise, in [-1, 1] units
-            g = torch.Generator().manual_seed(0)
+            def encode_all(arrays: list[np.ndarray], level: int) -> None:
+                for a in arrays:
+                    Image.fromarray(a).save(io.BytesIO(), format="PNG", optimize=False, compress_level=level)
+
+            kib6 = np.mean([len(_png_bytes(a, 6)) for a in imgs[:32]]) / 1024
+            kib1 = np.mean([len(_png_bytes(a, 1)) for a in imgs[:32]]) / 1024
+            row("PNG image: stage write_png (PIL level 6, file in /tmp)", size, measure(lambda: write_all(imgs), reps, len(imgs)),
+                f"{kib6:.1f} KiB/image")
+            row("PNG image: encode only, level 6", size, measure(lambda: encode_all(imgs, 6), reps, len(imgs)))
+            row("PNG image: encode only, level 1", size, measure(lambda: encode_all(imgs, 1), reps, len(imgs)),
+                f"{kib1:.1f} KiB/image")
+            row("PNG mask (0/255): stage write_png", size, measure(lambda: write_all(masks), reps, len(masks)))
             b = 16 if args.quick else 64
-            diff = 0.05 * torch.randn(b, 1, size, size, generator=g)
+            g = torch.Generator().manual_seed(0)
             yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
             blob = torch.exp(-((yy - size / 2) ** 2 + (xx - size / 3) ** 2) / (2 * (size / 8) ** 2))
-            diff += 0.5 * blob
-            t_mask = statistics.median(_timed(lambda: diff_to_mask(diff, finding="Edema", rule="otsu", min_area=4,
-                                                                   smooth_sigma=1.0)) for _ in range(reps)) / b
-            rows.append([f"diff_to_mask (otsu, smooth 1, min_area 4), batch {b}", size, f"{t_mask * 1e6:,.0f}",
-                         f"{1 / t_mask:,.0f}", "per image, CPU (numpy/scipy loop)"])
-            print(table([rows[-1]], ["x"] * 5).splitlines()[-1], flush=True)
+            diff = 0.05 * torch.randn(b, 1, size, size, generator=g) + 0.5 * blob  # an opacity on noise
+            row(f"diff_to_mask (otsu, smooth_sigma 1, min_area 4) on a batch of {b}", size,
+                measure(lambda: diff_to_mask(diff, finding="Edema", rule="otsu", min_area=4, smooth_sigma=1.0), reps, b),
+                "per image and finding; a Python loop over images (numpy/scipy)")
+            x = torch.rand(b, size, size)
+            row(f"per-row access in the write loop (keep[j], labels[j].tolist(), probs[j].tolist(), "
+                f"mask[j].cpu().numpy()), CPU tensors", size,
+                measure(lambda: [(bool(x[j, 0, 0] > 0), x[j, :2, 0].tolist(), x[j, :2, 1].tolist(),
+                                  (x[j].cpu().numpy() > 0.5)) for j in range(b)], reps, b),
+                "on CUDA each of these is a device sync + copy")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    header = ["part (per image)", "px", "us/image (median)", "images/s", "note"]
-    return (f"Per-image parts of ShardWorker.run (median of {reps} repeats; load {la} / {loadavg()})\n\n"
-            + table(rows, header))
+        torch.set_num_threads(prev_threads)
+    header = ["part", "px", "wall us/image (median)", "CPU us/image (median)", "images/s per core (CPU)", "note"]
+    return (f"Per-image parts of ShardWorker.run, one thread, median of {reps} repeats (load {la} / {loadavg()}); "
+            "CPU = this process's CPU time, close to an unshared core\n\n" + table(rows, header))
 
 
 def _png_bytes(a: np.ndarray, level: int) -> bytes:
@@ -308,12 +317,6 @@ def _png_bytes(a: np.ndarray, level: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG", optimize=False, compress_level=level)
     return buf.getvalue()
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
