@@ -599,11 +599,12 @@ def open_study(url: str, name: str, space: Space) -> optuna.Study:
     return study
 
 
-def check_ranges(space: Space, ranges: dict) -> None:
-    elsewhere = sorted(n for n in set(ranges) - set(space.params)
-                       if any(n in other.params for other in SPACES.values()))
-    for name in elsewhere:  # e.g. an experiment's ranges for another space (experiment=smoke sets threshold)
-        ranges.pop(name)
+def check_ranges(space: Space, ranges: dict) -> dict:
+    """The ranges of ``space``'s parameters, validated. Ranges of another space's parameters are left
+    out (an experiment may set them, e.g. experiment=smoke sets the pseudo-label threshold); a name
+    that no space searches is an error."""
+    ranges = {n: r for n, r in ranges.items()
+              if n in space.params or not any(n in other.params for other in SPACES.values())}
     unknown = sorted(set(ranges) - set(space.params))
     if unknown:
         raise UserError(f"search.params has {', '.join(unknown)}, not a parameter of search={space.name} "
@@ -625,6 +626,7 @@ def check_ranges(space: Space, ranges: dict) -> None:
         t = ranges["threshold"]
         if not (0 < float(t["low"]) and float(t["high"]) < 1):
             raise UserError(f"search.params.threshold must lie inside (0, 1), got [{t['low']}, {t['high']}]")
+    return ranges
 
 
 # --------------------------------------------------------------------------------------------
@@ -714,8 +716,7 @@ def search(cfg: DictConfig, out: Path, overrides: list[str] | None = None) -> di
     if str(scfg.pruner) not in ("median", "hyperband", "none") or str(scfg.sampler) not in ("tpe", "random"):
         raise UserError(f"search.pruner={scfg.pruner} / search.sampler={scfg.sampler}: pruner is median, hyperband "
                         "or none; sampler is tpe or random")
-    ranges = to_dict(scfg.params)
-    check_ranges(space, ranges)
+    ranges = check_ranges(space, to_dict(scfg.params))
     resolve_classes(cfg.classes)
     inline = runtime.is_inline(cfg.runtime) or workers == 1
     if workers > 1 and not runtime.is_inline(cfg.runtime):

@@ -328,10 +328,10 @@ def test_experiment_smoke_ranges_suit_its_tiny_models_and_other_spaces_ignore_th
     """experiment=smoke lowers the pseudo-label threshold range (20-step models never reach 0.5, so a
     pool at t=0.5 would be empty); a space that does not search the threshold drops that range."""
     pl = compose(["search=pseudo_label", "experiment=smoke"])
-    ranges = search_mod.to_dict(pl.search.params)
-    search_mod.check_ranges(search_mod.SPACES["pseudo_label"], ranges)
+    ranges = search_mod.check_ranges(search_mod.SPACES["pseudo_label"], search_mod.to_dict(pl.search.params))
     assert ranges["threshold"]["low"] <= pl.generate.threshold < ranges["threshold"]["high"]
     tw = search_mod.to_dict(compose(["search=translator_weights", "experiment=smoke"]).search.params)
     assert "threshold" in tw
-    search_mod.check_ranges(search_mod.SPACES["translator_weights"], tw)
-    assert "threshold" not in tw and set(tw) <= set(search_mod.SPACES["translator_weights"].params)
+    kept = search_mod.check_ranges(search_mod.SPACES["translator_weights"], tw)
+    assert "threshold" not in kept and set(kept) <= set(search_mod.SPACES["translator_weights"].params)
+    assert "threshold" in tw  # the caller's dict is not modified
