@@ -49,6 +49,7 @@ from augment.config import compose  # noqa: E402
 from augment.data.sources import load_table  # noqa: E402
 from augment.stages.common import markdown_table, resolve_classes  # noqa: E402
 from augment.stages.train import load_model, training_rows  # noqa: E402
+from classifiers.data import to_x  # noqa: E402
 from classifiers.evaluate import evaluate  # noqa: E402
 from classifiers.model import load_classifier  # noqa: E402
 
@@ -61,7 +62,8 @@ VARIANTS = {  # name -> (use_is, use_mmd, use_style)
 
 
 def _x(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0).unsqueeze(1)
+    """uint8 N x H x W -> N x 1 x H x W in [-1, 1], as every model here was trained."""
+    return to_x(torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1), "cpu")
 
 
 @torch.no_grad()
@@ -90,14 +92,15 @@ def ablation(args: argparse.Namespace, out: Path) -> dict:
         for seed in args.seeds:
             folder = out / f"{name}-seed{seed}"
             ckpt = folder / "models" / "ucgan" / "checkpoint.pt"
-            t0 = time.perf_counter()
+            seconds = None  # a rerun skips a trained variant
             if not ckpt.is_file():
+                t0 = time.perf_counter()
                 argv = ["train", *base, "generator=ucgan", f"seed={seed}", f"generator.use_is={use_is}",
                         f"generator.use_mmd={use_mmd}", f"generator.use_style={use_style}", "--out", str(folder)]
                 print("augment " + " ".join(argv), flush=True)
                 if augment_main(argv) != 0:
                     raise SystemExit(f"training {name} seed {seed} failed")
-            seconds = time.perf_counter() - t0
+                seconds = time.perf_counter() - t0
             system, ck = load_model(ckpt)
             c_classes = list(ck["classes"])
             cols = [c_classes.index(c) for c in classes]
@@ -110,7 +113,7 @@ def ablation(args: argparse.Namespace, out: Path) -> dict:
             runs.append({"seed": seed, "auc": ev["auc"], "mean_auc": ev["mean_auc"], "threshold": t,
                          "acceptance": float((p_fake.max(1) >= t).mean()),
                          "acceptance_per_class": {c: float((p_fake[:, j] >= t).mean()) for j, c in enumerate(classes)},
-                         "train_seconds": seconds if seconds > 5 else None})
+                         "train_seconds": seconds})
             print(f"{name} seed {seed}: C test mean AUC {_fmt(ev['mean_auc'])}, acceptance at t={t}: "
                   f"{runs[-1]['acceptance']:.3f}", flush=True)
         results["variants"][name] = runs
@@ -136,8 +139,7 @@ def ablation_table(res: dict) -> str:
 def fidelity(args: argparse.Namespace, out: Path) -> dict:
     sampler, ck = load_model(Path(args.cgan) / "models" / "cgan" / "checkpoint.pt")
     s_classes = list(ck["classes"])
-    judge, meta = load_classifier(args.judge)
-    judge.eval()
+    judge, meta = load_classifier(args.judge)  # in eval mode
     j_classes = list(meta["classes"])
     classes = [c for c in s_classes if c in j_classes]
     cols = [j_classes.index(c) for c in classes]
