@@ -284,9 +284,11 @@ class BranchedGAN(nn.Module):
     def blended(
         self, x: Tensor, c_own: Tensor, c_other: Tensor, alpha: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(psi_own, psi_other, x_hat_own, x_hat_other)`` by Eq. 4."""
-        psi_own = self.G(x, c_own)
-        psi_other = self.G(x, c_other)
+        """``(psi_own, psi_other, x_hat_own, x_hat_other)`` by Eq. 4.
+
+        Both styles go through the branches in one batch (instance norm keeps images independent).
+        """
+        psi_own, psi_other = self.G(torch.cat([x, x]), torch.cat([c_own, c_other])).chunk(2)
         return psi_own, psi_other, alpha_blend(psi_own, psi_other, alpha), alpha_blend(psi_other, psi_own, alpha)
 
     def discriminator_loss(
@@ -301,10 +303,18 @@ class BranchedGAN(nn.Module):
         loss = adv + self.lambda_r1 * r1
         return loss, {"d_adv": adv.item(), "d_r1": r1.item(), "d_loss": loss.item()}
 
-    def generator_terms(self, x: Tensor, c_x: Tensor, c_t: Tensor, alpha: Tensor) -> dict[str, Tensor]:
+    def generator_terms(
+        self,
+        x: Tensor,
+        c_x: Tensor,
+        c_t: Tensor,
+        alpha: Tensor,
+        blended: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
         """Unweighted Eq. 10 terms for inputs ``x`` (labels ``c_x``), complementary targets ``c_t`` and
-        blend ``alpha``; structural terms are summed over both styles."""
-        psi_x, psi_t, x_own, x_st = self.blended(x, c_x, c_t, alpha)
+        blend ``alpha``; structural terms are summed over both styles.  ``blended``: the output of
+        :meth:`blended` for these arguments when already computed (with gradients)."""
+        psi_x, psi_t, x_own, x_st = blended if blended is not None else self.blended(x, c_x, c_t, alpha)
         return {
             "g_rec": rec_loss(x, x_own),
             "g_grad_rec": grad_rec_loss(x, x_own),
@@ -328,10 +338,15 @@ class BranchedGAN(nn.Module):
         }
 
     def generator_loss(
-        self, x: Tensor, c_x: Tensor, c_t: Tensor, alpha: Tensor
+        self,
+        x: Tensor,
+        c_x: Tensor,
+        c_t: Tensor,
+        alpha: Tensor,
+        blended: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Eq. 10, weighted."""
-        terms = self.generator_terms(x, c_x, c_t, alpha)
+        terms = self.generator_terms(x, c_x, c_t, alpha, blended)
         weights = self.generator_weights()
         loss = sum(weights[k] * v for k, v in terms.items())
         logs = {k: v.item() for k, v in terms.items()}
@@ -346,17 +361,21 @@ class BranchedGAN(nn.Module):
         step: int,
         generator: torch.Generator,
     ) -> dict[str, float]:
-        """One D update and one G update with a fresh ``alpha`` and complementary targets."""
+        """One D update and one G update with a fresh ``alpha`` and complementary targets.
+
+        The branches run once per step: D learns from the detached fakes, then G's loss reuses the same
+        forward pass (G has not changed in between) against the updated D.
+        """
         x = batch["x"]
         c_x = clean_labels(batch["y"]).to(x.device)
         c_t = complementary_targets(c_x, generator=generator)
         alpha = rand((self.n_branches - 1,), generator=generator, like=x)
-        with torch.no_grad():
-            _, _, x_own, x_st = self.blended(x, c_x, c_t, alpha)
+        blended = self.blended(x, c_x, c_t, alpha)
+        _, _, x_own, x_st = blended
         loss_d, logs = self.discriminator_loss(x, c_x, [(x_own, c_x), (x_st, c_t)])
         step_optimizer(opts["D"], loss_d)
         with frozen(self.D):
-            loss_g, g_logs = self.generator_loss(x, c_x, c_t, alpha)
+            loss_g, g_logs = self.generator_loss(x, c_x, c_t, alpha, blended)
             step_optimizer(opts["G"], loss_g)
         logs.update(g_logs)
         return logs
