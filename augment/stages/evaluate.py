@@ -3,7 +3,9 @@
 Masks (where the run has translators): the test split is translated to ``No Finding``; the
 difference map ``x - healed`` becomes a mask per finding (``mask.*`` rule). Against the phantom's
 ground truth: Dice, IoU, PoI, detection AUC (max of the map), sensitivity at 1 FP per image, healing
-L1/PSNR against the true healthy render, identity L1 on normal inputs. On real data: detection AUC
+L1/PSNR against the true healthy render, identity L1 on normal inputs; beside them a ``reference`` row
+that scores the true healthy render itself through the same mask rule (a perfect healer: the most the
+rule can give). On real data: detection AUC
 from the image labels and the share of mask pixels inside the lung fields (where lung masks exist).
 
 Image quality (``--synthetic DIR``): FID (domain features by default), KID, IS, precision/recall and
@@ -60,9 +62,7 @@ def translate_all(system: Any, images: np.ndarray, batch: int = 64) -> tuple[np.
 
 def mask_metrics(table: DataTable, classes: list[str], ckpt: Path, mask_cfg: dict, split: str = "test") -> dict:
     """Mask metrics of one translator on a split, per finding and overall."""
-    from augment.metrics.masks import detection_auc, lung_containment, mask_report
     from augment.stages.train import load_model, training_rows
-    from generators.masks import MaskRuleError, diff_to_mask, finding_sign
 
     system, ck = load_model(ckpt)
     if int(ck["image_size"]) != table.image_size:
@@ -75,6 +75,34 @@ def mask_metrics(table: DataTable, classes: list[str], ckpt: Path, mask_cfg: dic
     t0 = time.perf_counter()
     healed, diffs = translate_all(system, images)
     seconds = time.perf_counter() - t0
+    per = score_masks(table, [c for c in classes if c in system.classes], rows, healed, diffs, mask_cfg)
+    return {"family": ckpt.parent.name, "per_class": per, "n_images": len(rows), "translate_seconds": seconds,
+            "images_per_second": len(rows) / seconds if seconds else None, "mask_rule": mask_cfg}
+
+
+def reference_mask_metrics(table: DataTable, classes: list[str], mask_cfg: dict, split: str = "test") -> dict | None:
+    """The same metrics for a perfect healer: the data's own healthy render (the phantom's) as the
+    translation, so the difference map is exactly the lesions.  What the mask rule can reach at best;
+    ``None`` when the data has no healthy renders (real images)."""
+    from augment.stages.train import training_rows
+
+    if table.healthy is None:
+        return None
+    rows = training_rows(table, classes, split)
+    if len(rows) == 0:
+        return None
+    healed = np.asarray(table.healthy[rows], dtype=np.float32) / 127.5 - 1.0
+    diffs = np.asarray(table.images[rows], dtype=np.float32) / 127.5 - 1.0 - healed
+    return {"family": "reference (true healthy render)", "per_class": score_masks(table, classes, rows, healed, diffs, mask_cfg),
+            "n_images": len(rows), "mask_rule": mask_cfg}
+
+
+def score_masks(table: DataTable, classes: list[str], rows: np.ndarray, healed: np.ndarray, diffs: np.ndarray,
+                mask_cfg: dict) -> dict[str, dict]:
+    """Per-finding mask metrics of healed images / difference maps (N x H x W, [-1, 1]) of ``rows``."""
+    from augment.metrics.masks import detection_auc, lung_containment, mask_report
+    from generators.masks import MaskRuleError, diff_to_mask, finding_sign
+
     labels = table.labels[rows]
     normal = labels[:, VOCABULARY.index(NO_FINDING)] == 1
     lungs = None
@@ -84,8 +112,6 @@ def mask_metrics(table: DataTable, classes: list[str], ckpt: Path, mask_cfg: dic
     healthy = None if table.healthy is None else np.asarray(table.healthy[rows], dtype=np.float32) / 127.5 - 1.0
     per: dict[str, dict] = {}
     for c in classes:
-        if c not in system.classes:
-            continue
         pos = labels[:, VOCABULARY.index(c)] == 1
         sel = pos | normal
         if pos.sum() == 0:
@@ -112,8 +138,7 @@ def mask_metrics(table: DataTable, classes: list[str], ckpt: Path, mask_cfg: dic
                     rep["lung_containment_mean"] = float(np.nanmean(lc))
                     rep["lung_containment_n"] = int(known.sum())
         per[c] = rep
-    return {"family": ckpt.parent.name, "per_class": per, "n_images": len(rows), "translate_seconds": seconds,
-            "images_per_second": len(rows) / seconds if seconds else None, "mask_rule": mask_cfg}
+    return per
 
 
 def _feature_model(models: Path | None, checkpoint: str | None) -> tuple[Any, dict, Path]:
@@ -272,6 +297,10 @@ def evaluate(cfg: DictConfig, out: Path) -> dict:
         masks = {fam: mask_metrics(table, classes, ck, mask_cfg) for fam, ck in translator_checkpoints(models).items()}
         if masks:
             result["masks"] = masks
+            reference = reference_mask_metrics(table, classes, mask_cfg)
+            if reference is not None:
+                result["mask_reference"] = reference
+                masks = {**masks, "reference": reference}
             keys = ["dice_mean", "iou_mean", "poi_mean", "detection_auc", "sensitivity_at_1fp",
                     "healing_psnr_mean", "identity_l1_mean", "lung_containment_mean"]
             rows = [[fam, c, *[_fmt(m["per_class"][c].get(k)) for k in keys]]

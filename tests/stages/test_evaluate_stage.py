@@ -15,6 +15,14 @@ def test_evaluate_masks_and_image_quality_with_floors(models, synthetic, tmp_pat
         for key in ("dice_mean", "iou_mean", "poi_mean", "detection_auc", "healing_psnr_mean", "identity_l1_mean"):
             assert masks[c][key] is not None
         assert 0 <= masks[c]["dice_mean"] <= 1
+    # the reference row heals with the phantom's own healthy render: the map is exactly the lesions,
+    # so every lesion image outscores every healthy one and healing is exact (PSNR capped at 100 dB)
+    ref = m["mask_reference"]["per_class"]
+    for c in ("Edema", "Hernia"):
+        assert ref[c]["detection_auc"] == 1.0
+        assert ref[c]["healing_psnr_mean"] == 100.0 and ref[c]["identity_l1_mean"] == 0.0
+        assert ref[c]["n_lesion_images"] == masks[c]["n_lesion_images"]
+    assert ref["Edema"]["dice_mean"] > masks["Edema"]["dice_mean"]
     iq = m["image_quality"]
     assert iq["extractor"].startswith("domain:") and "sha256=" in iq["extractor"]
     o = iq["overall"]
@@ -23,7 +31,7 @@ def test_evaluate_masks_and_image_quality_with_floors(models, synthetic, tmp_pat
     # the floor (real vs real) must be far below an untrained generator's score
     assert o["fid_floor"] < o["fid"]
     text = capsys.readouterr().out
-    assert "floor" in text and "Dice" in text
+    assert "floor" in text and "Dice" in text and "reference" in text
     assert (out / "metrics.md").read_text().count("|") > 20
 
 
