@@ -138,6 +138,44 @@ def sample_grid(real: list[tuple[str, np.ndarray]], synthetic: list[tuple[str, n
     return path
 
 
+def mask_overlay_figure(examples: dict[str, list[dict]], path: Path, title: str = "") -> Path:
+    """Per finding, three rows of lesion images: the input with the predicted mask outlined in red (and
+    the ground truth in green, or the lung fields in blue, where known), the healed image, and the
+    difference map (added opacity bright)."""
+    plt = _plt()
+    classes = [c for c in examples if examples[c]]
+    ncol = max(len(examples[c]) for c in classes)
+    fig, axes = plt.subplots(3 * len(classes), ncol, figsize=(1.5 * ncol, 1.5 * 3 * len(classes) + 0.4), squeeze=False)
+    for r, c in enumerate(classes):
+        for k in range(ncol):
+            for j in range(3):
+                ax = axes[3 * r + j, k]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if k >= len(examples[c]):
+                    ax.axis("off")
+                    continue
+                e = examples[c][k]
+                if j == 0:
+                    ax.imshow(e["image"], cmap="gray", vmin=0, vmax=255)
+                    for m, colour in ((e.get("gt"), "lime"), (e.get("lungs") if e.get("gt") is None else None, "deepskyblue"),
+                                      (e["mask"], "red")):
+                        if m is not None and np.asarray(m).any():
+                            ax.contour(np.asarray(m, dtype=float), levels=[0.5], colors=colour, linewidths=0.7)
+                elif j == 1:
+                    ax.imshow((np.asarray(e["healed"]) + 1.0) * 127.5, cmap="gray", vmin=0, vmax=255)
+                else:
+                    ax.imshow(np.clip(e["map"], 0, None), cmap="magma", vmin=0, vmax=max(float(np.max(e["map"])), 1e-6))
+                if k == 0:
+                    ax.set_ylabel(f"{c}\n{('input', 'healed', 'map')[j]}", fontsize=8)
+    if title:
+        fig.suptitle(f"{title} (red: mask; green: ground truth; blue: lungs)", fontsize=9)
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.4 / fig.get_figheight()))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _grid_inputs(run: Path, cfg: dict, classes: list[str], per_class: int) -> tuple[list, list]:
     import pandas as pd
     from PIL import Image

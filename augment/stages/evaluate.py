@@ -60,8 +60,10 @@ def translate_all(system: Any, images: np.ndarray, batch: int = 64) -> tuple[np.
     return np.concatenate(healed), np.concatenate(diffs)
 
 
-def mask_metrics(table: DataTable, classes: list[str], ckpt: Path, mask_cfg: dict, split: str = "test") -> dict:
-    """Mask metrics of one translator on a split, per finding and overall."""
+def mask_metrics(table: DataTable, classes: list[str], ckpt: Path, mask_cfg: dict, split: str = "test",
+                 figure: Path | None = None) -> dict:
+    """Mask metrics of one translator on a split, per finding and overall; with ``figure``, also an
+    overlay image of a few lesion images per finding there."""
     from augment.stages.train import load_model, training_rows
 
     system, ck = load_model(ckpt)
@@ -75,9 +77,15 @@ def mask_metrics(table: DataTable, classes: list[str], ckpt: Path, mask_cfg: dic
     t0 = time.perf_counter()
     healed, diffs = translate_all(system, images)
     seconds = time.perf_counter() - t0
-    per = score_masks(table, [c for c in classes if c in system.classes], rows, healed, diffs, mask_cfg)
-    return {"family": ckpt.parent.name, "per_class": per, "n_images": len(rows), "translate_seconds": seconds,
-            "images_per_second": len(rows) / seconds if seconds else None, "mask_rule": mask_cfg}
+    examples: dict[str, list[dict]] = {}
+    per = score_masks(table, [c for c in classes if c in system.classes], rows, healed, diffs, mask_cfg, examples)
+    result = {"family": ckpt.parent.name, "per_class": per, "n_images": len(rows), "translate_seconds": seconds,
+              "images_per_second": len(rows) / seconds if seconds else None, "mask_rule": mask_cfg}
+    if figure is not None and examples:
+        from augment.report import mask_overlay_figure
+
+        result["figure"] = str(mask_overlay_figure(examples, figure, title=f"{ckpt.parent.name}: {split} images"))
+    return result
 
 
 def reference_mask_metrics(table: DataTable, classes: list[str], mask_cfg: dict, split: str = "test") -> dict | None:
@@ -98,8 +106,12 @@ def reference_mask_metrics(table: DataTable, classes: list[str], mask_cfg: dict,
 
 
 def score_masks(table: DataTable, classes: list[str], rows: np.ndarray, healed: np.ndarray, diffs: np.ndarray,
-                mask_cfg: dict) -> dict[str, dict]:
-    """Per-finding mask metrics of healed images / difference maps (N x H x W, [-1, 1]) of ``rows``."""
+                mask_cfg: dict, examples: dict[str, list[dict]] | None = None, n_examples: int = 6) -> dict[str, dict]:
+    """Per-finding mask metrics of healed images / difference maps (N x H x W, [-1, 1]) of ``rows``.
+
+    ``examples``: when given, filled with the first ``n_examples`` images of each finding (image, healed,
+    sign-corrected map, predicted mask, ground truth or lung mask where known) for the overlay figure.
+    """
     from augment.metrics.masks import detection_auc, lung_containment, mask_report
     from generators.masks import MaskRuleError, diff_to_mask, finding_sign
 
@@ -138,6 +150,19 @@ def score_masks(table: DataTable, classes: list[str], rows: np.ndarray, healed: 
                     rep["lung_containment_mean"] = float(np.nanmean(lc))
                     rep["lung_containment_n"] = int(known.sum())
         per[c] = rep
+        if examples is not None:
+            idx = np.flatnonzero(sel)
+            keep = np.flatnonzero(pos[sel])[:n_examples]
+            gts = table.lesion_masks.get(c)
+            examples[c] = [{
+                "image": np.asarray(table.images[rows[idx[k]]]),
+                "healed": healed[idx[k]],
+                "map": sign * diffs[idx[k]],
+                "mask": pred[k],
+                "gt": None if gts is None or not table.lesion_known[c][rows[idx[k]]] else np.asarray(gts[rows[idx[k]]]),
+                "lungs": None if "lungs" not in table.anatomy or not table.anatomy_known["lungs"][rows[idx[k]]]
+                else np.asarray(table.anatomy["lungs"][rows[idx[k]]]),
+            } for k in keep]
     return per
 
 
@@ -294,7 +319,8 @@ def evaluate(cfg: DictConfig, out: Path) -> dict:
         mask_cfg = {"rule": str(cfg.mask.rule), "threshold": float(cfg.mask.threshold),
                     "percentile": float(cfg.mask.percentile), "min_area": int(cfg.mask.min_area),
                     "smooth_sigma": float(cfg.mask.smooth_sigma)}
-        masks = {fam: mask_metrics(table, classes, ck, mask_cfg) for fam, ck in translator_checkpoints(models).items()}
+        masks = {fam: mask_metrics(table, classes, ck, mask_cfg, figure=out / f"masks_{fam}.png")
+                 for fam, ck in translator_checkpoints(models).items()}
         if masks:
             result["masks"] = masks
             reference = reference_mask_metrics(table, classes, mask_cfg)
