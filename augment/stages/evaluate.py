@@ -67,6 +67,11 @@ def mask_metrics(table: DataTable, classes: list[str], ckpt: Path, mask_cfg: dic
     from augment.stages.train import load_model, training_rows
 
     system, ck = load_model(ckpt)
+    missing = [c for c in classes if c not in system.classes]
+    if missing:
+        raise UserError(f"translator {ckpt.parent.name} was not trained on {', '.join(missing)} (it knows "
+                        f"{', '.join(system.classes)}): evaluate --classes {','.join(c.lower() for c in system.classes)} "
+                        f"or train it with those classes")
     if int(ck["image_size"]) != table.image_size:
         raise UserError(f"translator {ckpt.parent.name} was trained at {ck['image_size']} px but data.image_size="
                         f"{table.image_size}: evaluate at data.image_size={ck['image_size']} (images are not resized)")
@@ -78,7 +83,7 @@ def mask_metrics(table: DataTable, classes: list[str], ckpt: Path, mask_cfg: dic
     healed, diffs = translate_all(system, images)
     seconds = time.perf_counter() - t0
     examples: dict[str, list[dict]] = {}
-    per = score_masks(table, [c for c in classes if c in system.classes], rows, healed, diffs, mask_cfg, examples)
+    per = score_masks(table, classes, rows, healed, diffs, mask_cfg, examples)
     result = {"family": ckpt.parent.name, "per_class": per, "n_images": len(rows), "translate_seconds": seconds,
               "images_per_second": len(rows) / seconds if seconds else None, "mask_rule": mask_cfg}
     if figure is not None and examples:

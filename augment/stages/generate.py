@@ -286,6 +286,11 @@ def generate(cfg: DictConfig, out: Path) -> dict:
         if not translator_ckpt.is_file():
             raise UserError(f"no {g.translator} translator in {models}: run `augment train translator={g.translator}` "
                             "or pass --translator none for images without masks")
+        known = load_checkpoint(translator_ckpt).get("classes") or []
+        missing = [c for c in classes if c not in known]
+        if missing:
+            raise UserError(f"the {g.translator} translator in {models} was not trained on {', '.join(missing)} (it knows "
+                            f"{', '.join(known)}): train it with those classes or pass --translator none")
     existing = [p for p in out.iterdir() if p.name not in ("config.yaml",)] if out.is_dir() else []
     if existing and not (g.resume or g.overwrite):
         raise UserError(f"--out {out} is not empty: pass --resume to finish it or --overwrite to replace it")

@@ -40,6 +40,7 @@ def test_evaluate_masks_and_image_quality_with_floors(models, synthetic, tmp_pat
 @pytest.mark.parametrize("args,needle", [
     (["--synthetic", "/no/such/dir"], "does not exist"),
     (["data.image_size=64"], "trained at 32 px"),
+    (["--classes", "edema,mass"], "was not trained on Mass"),
 ])
 def test_evaluate_bad_input(models, tmp_path, capsys, args, needle):
     assert main(["evaluate", *GEN, "--models", str(models), *args, "--out", str(tmp_path / "e")]) == 2
