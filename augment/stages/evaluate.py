@@ -117,7 +117,7 @@ def score_masks(table: DataTable, classes: list[str], rows: np.ndarray, healed: 
     ``examples``: when given, filled with the first ``n_examples`` images of each finding (image, healed,
     sign-corrected map, predicted mask, ground truth or lung mask where known) for the overlay figure.
     """
-    from augment.metrics.masks import detection_auc, lung_containment, mask_report
+    from augment.metrics.masks import detection_auc, identity_l1, lung_containment, mask_report, mean_std
     from generators.masks import MaskRuleError, diff_to_mask, finding_sign
 
     labels = table.labels[rows]
@@ -148,6 +148,8 @@ def score_masks(table: DataTable, classes: list[str], rows: np.ndarray, healed: 
         else:  # real data: image labels only
             rep = {"detection_auc": detection_auc(sign * diffs[sel], pos[sel]) if normal[sel].any() else None,
                    "n_images": int(sel.sum()), "n_lesion_images": int(pos.sum())}
+            if normal.any():
+                rep["identity_l1_mean"], rep["identity_l1_std"] = mean_std(identity_l1(diffs, normal))
             if "lungs" in table.anatomy:
                 known = table.anatomy_known["lungs"][rows][sel] & pos[sel]
                 if known.any():
