@@ -13,7 +13,7 @@ batch 16; Kermany: experiment=kermany at 128 px, the same widths):
   its own step budget (``--steps fixed_point=2400 taggan=1200 branched=300``: about equal CPU time);
 - ``ablation`` (first seed): StarGAN (Fixed-Point GAN without the identity loss), TagGAN without the
   backward cycle, Branched with 1 and 2 branches;
-- ``long`` (first seed): Fixed-Point GAN and TagGAN resumed to ``--long`` multiples of their budget;
+- ``long`` (first seed): each family resumed to ``--long`` multiples of its budget;
 - ``kermany``: each family on Kermany (pneumonia vs normal), evaluated on Kermany's test part and on
   the COVID-19 images with lung masks (lung containment).
 
@@ -172,7 +172,7 @@ def tables(out: Path, seeds: list[int], long: list[int], steps: dict[str, int]) 
                 "Branched, 5 branches": [f"branched_s{s0}"], "Branched, 2 branches": [f"branched2_s{s0}"],
                 "Branched, 1 branch": [f"branched1_s{s0}"]}
     curve = {}
-    for fam in ("fixed_point", "taggan"):
+    for fam in FAMILIES:
         curve[f"{LABEL[fam]}, {steps[fam]} steps"] = [f"{fam}_s{s0}"]
         for k in long:
             curve[f"{LABEL[fam]}, {k * steps[fam]} steps"] = [f"{fam}_s{s0}_x{k}"]
@@ -210,7 +210,7 @@ def main() -> None:
             for n in (1, 2):
                 phantom_run(a.out, f"branched{n}_s{s0}", br, ["translator=branched", f"translator.n_branches={n}", f"seed={s0}"])
         if "long" in a.parts:
-            for fam in ("fixed_point", "taggan"):
+            for fam in FAMILIES:
                 prev = f"{fam}_s{s0}"
                 for k in a.long:
                     name = f"{fam}_s{s0}_x{k}"

@@ -159,8 +159,15 @@ def score_masks(table: DataTable, classes: list[str], rows: np.ndarray, healed: 
         per[c] = rep
         if examples is not None:
             idx = np.flatnonzero(sel)
-            keep = np.flatnonzero(pos[sel])[:n_examples]
             gts = table.lesion_masks.get(c)
+            cand = np.flatnonzero(pos[sel])
+            # images with a ground truth or lung mask to draw come first
+            known = np.zeros(len(rows), dtype=bool)
+            if gts is not None:
+                known |= np.asarray(table.lesion_known[c][rows], dtype=bool)
+            if "lungs" in table.anatomy:
+                known |= np.asarray(table.anatomy_known["lungs"][rows], dtype=bool)
+            keep = cand[np.argsort(~known[idx[cand]], kind="stable")][:n_examples]
             examples[c] = [{
                 "image": np.asarray(table.images[rows[idx[k]]]),
                 "healed": healed[idx[k]],
