@@ -27,11 +27,11 @@ the images with a ground-truth lesion (the others have no lesion to find).  Defi
   Reported: the highest lesion-level sensitivity among thresholds whose mean FP per image (over all
   images, healthy ones included) is <= k.
 - Virtual healing: L1 (mean absolute difference) and PSNR between the translated image and the true
-  healthy image.  PSNR uses the data range 2 of [-1, 1] images; identical images have infinite PSNR,
+  healthy image, over the images with a lesion (a normal input's healing is its identity error).  PSNR uses the data range 2 of [-1, 1] images; identical images have infinite PSNR,
   which is capped at ``max_db`` (100 dB by default) so that means stay finite.
 - Identity L1 on normal inputs: mean ``|x - healed|`` = mean ``|diff_map|`` over normal images.
-- Lung containment: share of predicted mask pixels inside the lung mask (NaN, skipped in means, when
-  the prediction is empty).
+- Lung containment: share of predicted mask pixels inside the lung mask, over the images with a
+  lesion (NaN, skipped in means, when the prediction is empty).
 """
 
 from __future__ import annotations
@@ -289,7 +289,8 @@ def mask_report(
         max_db: PSNR cap.
 
     Returns:
-        ``dice_mean/std``, ``iou_mean/std``, ``poi_mean/std`` (images with a GT lesion),
+        ``dice_mean/std``, ``iou_mean/std``, ``poi_mean/std``, healing and lung containment (images with
+        a GT lesion), identity L1 (normal images), detection AUC and FROC (all images):
         ``detection_auc``, ``sensitivity_at_<k>fp``, ``healing_l1_mean/std``, ``healing_psnr_mean/std``,
         ``identity_l1_mean/std``, ``lung_containment_mean/std``, ``n_images``, ``n_lesion_images``.
     """
@@ -310,11 +311,15 @@ def mask_report(
     report[key] = (
         sensitivity_at_fp(diff_maps, gt, fp_per_image=fp_per_image, min_area=min_area) if has_lesion.any() else None
     )
-    if translated is not None and healthy is not None:
-        _put(report, "healing_l1", healing_l1(translated, healthy))
-        _put(report, "healing_psnr", psnr(translated, healthy, max_db=max_db))
+    if translated is not None and healthy is not None and has_lesion.any():
+        # healing is judged on the images that have something to heal; normal inputs are identity_l1's
+        t, h = _images(translated, "translated")[has_lesion], _images(healthy, "healthy")[has_lesion]
+        _put(report, "healing_l1", healing_l1(t, h))
+        _put(report, "healing_psnr", psnr(t, h, max_db=max_db))
     if is_normal is not None:
         _put(report, "identity_l1", identity_l1(diff_maps, is_normal))
-    if lung_masks is not None:
-        _put(report, "lung_containment", lung_containment(pred, lung_masks))
+    if lung_masks is not None and has_lesion.any():
+        lungs = _masks(lung_masks, "lung_masks")
+        lungs = lungs[has_lesion] if lungs.shape[0] == len(gt) and len(gt) > 1 else lungs
+        _put(report, "lung_containment", lung_containment(pred[has_lesion], lungs))
     return report

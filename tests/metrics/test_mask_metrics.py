@@ -143,17 +143,18 @@ def test_mask_report_aggregates_over_lesion_images() -> None:
     healthy[1] = 0.2
     rep = mask_report(
         pred, gt, maps, labels=[[1, 0], [0, 1], [0, float("nan")]], translated=healed, healthy=healthy,
-        is_normal=[0, 0, 1], lung_masks=np.ones((16, 16)),
+        is_normal=[0, 0, 1], lung_masks=gt[0],
     )
     assert rep["n_images"] == 3 and rep["n_lesion_images"] == 2
     assert rep["dice_mean"] == pytest.approx(0.5) and rep["dice_std"] == pytest.approx(0.5)
     assert rep["iou_mean"] == pytest.approx(0.5) and rep["poi_mean"] == pytest.approx(0.5)
     assert rep["detection_auc"] == pytest.approx(1.0)  # 0.9, 0.95 vs 0.7
     assert rep["sensitivity_at_1fp"] == 0.5
-    assert rep["healing_l1_mean"] == pytest.approx(0.2 / 3)
-    assert rep["healing_psnr_mean"] == pytest.approx((100 + 20 + 100) / 3)
+    # healing and lung containment over the two lesion images only (the healthy one is identity's)
+    assert rep["healing_l1_mean"] == pytest.approx(0.2 / 2)
+    assert rep["healing_psnr_mean"] == pytest.approx((100 + 20) / 2)
     assert rep["identity_l1_mean"] == pytest.approx(np.abs(maps[2]).mean())
-    assert rep["lung_containment_mean"] == pytest.approx(1.0)
+    assert rep["lung_containment_mean"] == pytest.approx(1.0)  # the healthy image's all-ones mask is not counted
     healthy_only = mask_report(np.zeros((1, 4, 4)), np.zeros((1, 4, 4)), np.zeros((1, 4, 4)), [[0]], None, None, None)
     assert healthy_only["dice_mean"] is None and healthy_only["detection_auc"] is None
     assert healthy_only["sensitivity_at_1fp"] is None and "healing_l1_mean" not in healthy_only

@@ -66,6 +66,33 @@ def test_no_trained_models_message(in_tmp):
 
 
 @pytest.mark.ray
+def test_three_translators_train_in_parallel_ray_actors_and_evaluate(in_tmp, tiny, capsys):
+    """Step 4's done-when: `augment train translator=fixed_point,taggan,branched` (Ray actors), then
+    `augment evaluate` scores each family and the reference on the phantom's ground truth."""
+    pytest.importorskip("ray")
+    from augment import runtime
+
+    overrides = [o for o in tiny if not o.startswith("runtime=")] + ["runtime=local", "train.max_steps=3"]
+    try:
+        assert main(["train", *overrides, "translator=fixed_point,taggan,branched", "--out", "tr"]) == 0
+    finally:
+        runtime.shutdown()
+    m = json.loads((in_tmp / "tr" / "metrics.json").read_text())
+    assert set(m["models"]) == {"fixed_point", "taggan", "branched"}
+    for fam in m["models"]:
+        ckpt = load_checkpoint(in_tmp / "tr" / "models" / fam / "checkpoint.pt")
+        assert ckpt["kind"] == "translator" and ckpt["step"] == 3 and ckpt["done"]
+    capsys.readouterr()
+    assert main(["evaluate", *[o for o in tiny if not o.startswith("train.")], "--models", "tr", "--out", "ev"]) == 0
+    text = capsys.readouterr().out
+    for fam in ("fixed_point", "taggan", "branched", "reference"):
+        assert f"| {fam} | Edema |" in text
+    ev = json.loads((in_tmp / "ev" / "metrics.json").read_text())
+    assert set(ev["masks"]) == {"fixed_point", "taggan", "branched"}
+    assert all((in_tmp / "ev" / f"masks_{fam}.png").is_file() for fam in ev["masks"])
+
+
+@pytest.mark.ray
 def test_parallel_ray_actors_and_a_killed_actor_resumes_to_the_final_step(in_tmp, tiny):
     """Two families train at once in Ray actors; an actor killed mid-training is restarted by Ray
     and resumes from its checkpoint to the same final step."""
