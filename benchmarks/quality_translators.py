@@ -140,6 +140,9 @@ def summary_rows(out: Path, names: dict[str, list[str]]) -> str:
         rows.append(f"| {label}{n} | " + " | ".join(_cell([_finding_mean(r[0], k) for r in runs]) for k, _ in KEYS) + " |")
     if ref:
         rows.append("| reference (true healthy render) | " + " | ".join(_cell([_finding_mean(ref, k)]) for k, _ in KEYS) + " |")
+        unchanged = _finding_mean(ref, "unchanged_psnr_mean")
+        if unchanged is not None:
+            rows.append("| input left unchanged | - | - | - | 0.500 | - | " + f"{unchanged:.3f}" + " | 0.000 | - |")
     return "\n".join(rows)
 
 

@@ -104,10 +104,19 @@ def reference_mask_metrics(table: DataTable, classes: list[str], mask_cfg: dict,
     rows = training_rows(table, classes, split)
     if len(rows) == 0:
         return None
+    from augment.metrics.masks import mean_std, psnr
+
     healed = np.asarray(table.healthy[rows], dtype=np.float32) / 127.5 - 1.0
-    diffs = np.asarray(table.images[rows], dtype=np.float32) / 127.5 - 1.0 - healed
-    return {"family": "reference (true healthy render)", "per_class": score_masks(table, classes, rows, healed, diffs, mask_cfg),
-            "n_images": len(rows), "mask_rule": mask_cfg}
+    x = np.asarray(table.images[rows], dtype=np.float32) / 127.5 - 1.0
+    per = score_masks(table, classes, rows, healed, x - healed, mask_cfg)
+    labels = table.labels[rows]
+    for c in classes:
+        lesion = (labels[:, VOCABULARY.index(c)] == 1) & np.asarray(table.lesion_masks[c][rows]).reshape(len(rows), -1).any(1) \
+            if c in table.lesion_masks else np.zeros(len(rows), dtype=bool)
+        if lesion.any() and "undefined" not in per[c]:
+            # the floor: a translator that leaves its input unchanged heals this well
+            per[c]["unchanged_psnr_mean"], per[c]["unchanged_psnr_std"] = mean_std(psnr(x[lesion], healed[lesion]))
+    return {"family": "reference (true healthy render)", "per_class": per, "n_images": len(rows), "mask_rule": mask_cfg}
 
 
 def score_masks(table: DataTable, classes: list[str], rows: np.ndarray, healed: np.ndarray, diffs: np.ndarray,

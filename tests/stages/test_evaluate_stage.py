@@ -22,6 +22,8 @@ def test_evaluate_masks_and_image_quality_with_floors(models, synthetic, tmp_pat
         assert ref[c]["detection_auc"] == 1.0
         assert ref[c]["healing_psnr_mean"] == 100.0 and ref[c]["identity_l1_mean"] == 0.0
         assert ref[c]["n_lesion_images"] == masks[c]["n_lesion_images"]
+        # leaving the input unchanged cannot heal: finite PSNR, below the reference's capped 100 dB
+        assert 10.0 < ref[c]["unchanged_psnr_mean"] < 100.0
     assert ref["Edema"]["dice_mean"] > masks["Edema"]["dice_mean"]
     fig = out / "masks_fixed_point.png"
     assert m["masks"]["fixed_point"]["figure"] == str(fig) and fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
