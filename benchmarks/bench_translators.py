@@ -3,8 +3,10 @@
 The systems are built as ``augment train translator=<family>`` builds them (Hydra-composed config,
 ``--override`` for widths, e.g. the quickstart's ``translator.g_width=16 translator.d_width=16``),
 and timed on one fixed random batch (speed does not depend on the pixel values): ``--warmup``
-untimed steps, then ``--steps`` individually timed steps; the median is reported, with images/s
-(batch x steps/s) and the 1-minute load average before and after each row.
+untimed steps, then ``--steps`` timed steps; steps/s is their count over their total time (not a
+median: Fixed-Point GAN updates G on one step in ``n_critic``, so its steps differ in cost; keep
+``--steps`` a multiple of 5), with images/s (batch x steps/s) and the 1-minute load average before
+and after each row.
 
 Usage::
 
@@ -16,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", default="Edema,Hernia,Pneumonia,Effusion,Mass")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads per row (0 = leave as is)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--no-quickstart-widths", action="store_true", help="the configs' default widths instead")
     p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every family")
     args = p.parse_args(argv)
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 system = build_translator(fam, size, classes, ov)
                 before = loadavg()
                 times = time_steps(system, size, len(classes), args, device)
-                med = statistics.median(times)
+                med = sum(times) / len(times)  # mean seconds per step
                 rows.append([fam, size, torch.get_num_threads(), args.batch_size, f"{1 / med:.2f}",
                              f"{args.batch_size / med:.1f}", f"{before} / {loadavg()}"])
                 print(f"{fam} {size}px {torch.get_num_threads()} threads: {1 / med:.2f} steps/s", file=sys.stderr, flush=True)

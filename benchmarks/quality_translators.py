@@ -36,6 +36,7 @@ FAMILIES = ("fixed_point", "taggan", "branched")
 LABEL = {"fixed_point": "Fixed-Point GAN", "taggan": "TagGAN", "branched": "Branched (5)"}
 PHANTOM = ["experiment=quickstart", "--classes", CLASSES]
 KERMANY = ["experiment=kermany", "translator.g_width=16", "translator.d_width=16", "train.translator_batch_size=16"]
+EXTRA: list[str] = []  # --extra: more `augment train` overrides for every run (e.g. translator.g_width=64 on a GPU)
 KEYS = [("dice_mean", "Dice"), ("iou_mean", "IoU"), ("poi_mean", "PoI"), ("detection_auc", "det. AUC"),
         ("sensitivity_at_1fp", "sens@1FP"), ("healing_psnr_mean", "PSNR dB"), ("identity_l1_mean", "identity L1"),
         ("lung_containment_mean", "in lungs")]
@@ -55,7 +56,7 @@ def phantom_run(out: Path, name: str, steps: int, overrides: list[str], resume_f
         shutil.copytree(out / resume_from / "train", run / "train")
     t0 = time.perf_counter()
     augment("train", *PHANTOM, "runtime=inline", f"train.max_steps={steps}", "train.ckpt_every=100",
-            "train.sample_every=100000", *overrides, "--out", str(run / "train"))
+            "train.sample_every=100000", *EXTRA, *overrides, "--out", str(run / "train"))
     print(f"{name}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
     augment("evaluate", *PHANTOM, "--models", str(run / "train"), "--out", str(run / "eval"))
 
@@ -66,7 +67,7 @@ def kermany_run(out: Path, family: str, steps: int) -> None:
         return
     extra = ["translator.n_res=2"] if family != "branched" else []  # Branched's config has no n_res key
     augment("train", *KERMANY, *extra, f"translator={family}", "runtime=inline", f"train.max_steps={steps}",
-            "train.ckpt_every=10", "train.sample_every=100000", "--out", str(run / "train"))
+            "train.ckpt_every=10", "train.sample_every=100000", *EXTRA, "--out", str(run / "train"))
     augment("evaluate", "experiment=kermany", "--models", str(run / "train"), "--out", str(run / "eval"))
     augment("evaluate", "experiment=kermany", "data.include=[images/covid_ieee8023/]", "--models", str(run / "train"),
             "--out", str(run / "eval_covid"))
@@ -197,7 +198,9 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["main", "ablation", "long", "kermany"],
                     choices=["main", "ablation", "long", "kermany"])
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--extra", nargs="*", default=[], help="more `augment train` overrides for every run")
     a = ap.parse_args()
+    EXTRA[:] = a.extra
     steps = {k: int(v) for k, v in (s.split("=") for s in a.steps)}
     ksteps = {k: int(v) for k, v in (s.split("=") for s in a.kermany_steps)}
     s0 = a.seeds[0]
