@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                 system = build_translator(fam, size, classes, ov)
                 before = loadavg()
                 times = time_steps(system, size, len(classes), args, device)
-                med = sum(times) / len(times)  # mean seconds per step
-                rows.append([fam, size, torch.get_num_threads(), args.batch_size, f"{1 / med:.2f}",
-                             f"{args.batch_size / med:.1f}", f"{before} / {loadavg()}"])
-                print(f"{fam} {size}px {torch.get_num_threads()} threads: {1 / med:.2f} steps/s", file=sys.stderr, flush=True)
+                per_step = sum(times) / len(times)  # mean seconds per step
+                rows.append([fam, size, torch.get_num_threads(), args.batch_size, f"{1 / per_step:.2f}",
+                             f"{args.batch_size / per_step:.1f}", f"{before} / {loadavg()}"])
+                print(f"{fam} {size}px {torch.get_num_threads()} threads: {1 / per_step:.2f} steps/s", file=sys.stderr, flush=True)
     print(f"Machine: {machine()}; device {device}{' (bf16 autocast)' if args.amp and device.type == 'cuda' else ''}")
     print(f"Command: python benchmarks/bench_translators.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
     print(table(rows, ["family", "px", "threads", "batch", "steps/s", "images/s", "load 1 min before / after"]))

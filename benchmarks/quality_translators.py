@@ -23,6 +23,7 @@ Set ``OMP_NUM_THREADS=1`` and run two copies with different ``--parts`` to use t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import statistics
@@ -89,6 +90,7 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}"
 
 
+@functools.lru_cache(maxsize=None)  # every table reads the same runs
 def per_class(out: Path, name: str) -> tuple[dict, dict] | None:
     m = _load(out / name / "eval" / "metrics.json")
     if m is None or "masks" not in m:

@@ -320,6 +320,7 @@ def mask_report(
         _put(report, "identity_l1", identity_l1(diff_maps, is_normal))
     if lung_masks is not None and has_lesion.any():
         lungs = _masks(lung_masks, "lung_masks")
-        lungs = lungs[has_lesion] if lungs.shape[0] == len(gt) and len(gt) > 1 else lungs
+        if lungs.shape[0] == len(gt):  # one per image (else one mask for all)
+            lungs = lungs[has_lesion]
         _put(report, "lung_containment", lung_containment(pred[has_lesion], lungs))
     return report

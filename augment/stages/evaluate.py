@@ -97,6 +97,7 @@ def reference_mask_metrics(table: DataTable, classes: list[str], mask_cfg: dict,
     """The same metrics for a perfect healer: the data's own healthy render (the phantom's) as the
     translation, so the difference map is exactly the lesions.  What the mask rule can reach at best;
     ``None`` when the data has no healthy renders (real images)."""
+    from augment.metrics.masks import mean_std, psnr
     from augment.stages.train import training_rows
 
     if table.healthy is None:
@@ -104,8 +105,6 @@ def reference_mask_metrics(table: DataTable, classes: list[str], mask_cfg: dict,
     rows = training_rows(table, classes, split)
     if len(rows) == 0:
         return None
-    from augment.metrics.masks import mean_std, psnr
-
     healed = np.asarray(table.healthy[rows], dtype=np.float32) / 127.5 - 1.0
     x = np.asarray(table.images[rows], dtype=np.float32) / 127.5 - 1.0
     per = score_masks(table, classes, rows, healed, x - healed, mask_cfg)
@@ -167,26 +166,30 @@ def score_masks(table: DataTable, classes: list[str], rows: np.ndarray, healed: 
                     rep["lung_containment_n"] = int(known.sum())
         per[c] = rep
         if examples is not None:
-            idx = np.flatnonzero(sel)
-            gts = table.lesion_masks.get(c)
-            cand = np.flatnonzero(pos[sel])
-            # images with a ground truth or lung mask to draw come first
-            known = np.zeros(len(rows), dtype=bool)
-            if gts is not None:
-                known |= np.asarray(table.lesion_known[c][rows], dtype=bool)
-            if "lungs" in table.anatomy:
-                known |= np.asarray(table.anatomy_known["lungs"][rows], dtype=bool)
-            keep = cand[np.argsort(~known[idx[cand]], kind="stable")][:n_examples]
-            examples[c] = [{
-                "image": np.asarray(table.images[rows[idx[k]]]),
-                "healed": healed[idx[k]],
-                "map": sign * diffs[idx[k]],
-                "mask": pred[k],
-                "gt": None if gts is None or not table.lesion_known[c][rows[idx[k]]] else np.asarray(gts[rows[idx[k]]]),
-                "lungs": None if "lungs" not in table.anatomy or not table.anatomy_known["lungs"][rows[idx[k]]]
-                else np.asarray(table.anatomy["lungs"][rows[idx[k]]]),
-            } for k in keep]
+            examples[c] = _examples(table, c, rows[sel], pos[sel], healed[sel], sign * diffs[sel], pred, n_examples)
     return per
+
+
+def _examples(table: DataTable, c: str, rows: np.ndarray, pos: np.ndarray, healed: np.ndarray, maps: np.ndarray,
+              pred: np.ndarray, n: int) -> list[dict]:
+    """The first ``n`` images with finding ``c`` among ``rows`` for the overlay figure, those with a
+    ground truth or lung mask to draw first."""
+    gts = table.lesion_masks.get(c)
+    drawable = np.zeros(len(rows), dtype=bool)
+    if gts is not None:
+        drawable |= np.asarray(table.lesion_known[c][rows], dtype=bool)
+    if "lungs" in table.anatomy:
+        drawable |= np.asarray(table.anatomy_known["lungs"][rows], dtype=bool)
+    cand = np.flatnonzero(pos)
+    out = []
+    for k in cand[np.argsort(~drawable[cand], kind="stable")][:n]:
+        r = rows[k]
+        gt_known = gts is not None and table.lesion_known[c][r]
+        lungs_known = "lungs" in table.anatomy and table.anatomy_known["lungs"][r]
+        out.append({"image": np.asarray(table.images[r]), "healed": healed[k], "map": maps[k], "mask": pred[k],
+                    "gt": np.asarray(gts[r]) if gt_known else None,
+                    "lungs": np.asarray(table.anatomy["lungs"][r]) if lungs_known else None})
+    return out
 
 
 def _feature_model(models: Path | None, checkpoint: str | None) -> tuple[Any, dict, Path]:
