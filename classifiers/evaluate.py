@@ -1,6 +1,6 @@
 """Prediction and multi-label evaluation: per-class ROC AUC, thresholds, ROC curves.
 
-Conventions: ``x`` float in [-1, 1], B x 1 x H x W (see :mod:`classifiers.data` for the item
+Conventions: ``x`` float in [-1, 1], B x 1 x H x W (see :mod:`cxrbase.items` for the item
 contract); ``probs`` and ``labels`` are N x C arrays in class order; labels are 1 / 0 / NaN and
 NaN entries are skipped by every metric. A class whose labelled samples lack positives or
 negatives has no AUC: it is reported as ``None`` with the reason, never an exception.
@@ -20,7 +20,7 @@ from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from classifiers.data import collate_items, to_x
+from cxrbase import collate, resolve_device, to_x
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def predict(
 
     Args:
         model: a timm classifier (or any module mapping ``x`` to logits; features then N x 0).
-        dataset: items following :mod:`classifiers.data`.
+        dataset: items following :mod:`cxrbase.items`.
         batch_size: images per forward pass.
         device: where to run; the model is moved there.
         num_workers: DataLoader workers.
@@ -78,12 +78,12 @@ def predict(
     Returns:
         :class:`Predictions` in dataset order. The model's train/eval mode is restored.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     cuda = device.type == "cuda"
     was_training = model.training
     model.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_items, pin_memory=cuda)
+                        collate_fn=collate, pin_memory=cuda)
     probs, feats, labels = [], [], []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and amp else nullcontext()
     try:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ import numpy as np
 import timm
 import torch
 from torch import nn
+
+from cxrbase import versions
 
 log = logging.getLogger(__name__)
 
@@ -243,12 +244,6 @@ def _plain(obj: Any, where: str = "metrics") -> Any:
     raise TypeError(f"{where}: cannot store a {type(obj).__name__} in a checkpoint (use plain numbers, strings, lists, dicts)")
 
 
-def versions() -> dict[str, str]:
-    """Library versions recorded in checkpoints."""
-    return {"torch": str(torch.__version__), "timm": str(timm.__version__), "numpy": str(np.__version__),
-            "python": platform.python_version()}
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     while True:
         if hasattr(model, "_orig_mod"):  # torch.compile
@@ -302,7 +297,7 @@ def save_checkpoint(
         "classes": [str(c) for c in classes],
         "image_size": int(image_size),
         "metrics": _plain(dict(metrics)),
-        "versions": versions(),
+        "versions": versions("timm"),
         "extra": _plain(dict(extra or {}), "extra"),
     }
     path = Path(path)
@@ -371,5 +366,4 @@ __all__ = [
     "load_pretrained",
     "resolve_model_name",
     "save_checkpoint",
-    "versions",
 ]

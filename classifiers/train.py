@@ -1,7 +1,7 @@
 """The classifier training loop: masked multi-label BCE, AdamW, warm-up + cosine, early stopping.
 
 Conventions: ``x`` float in [-1, 1], B x 1 x H x W, made on the device from uint8 items
-(``x = image / 127.5 - 1``, see :mod:`classifiers.data`); ``y`` multi-hot float B x C with NaN for
+(``x = image / 127.5 - 1``, see :mod:`cxrbase.items`); ``y`` multi-hot float B x C with NaN for
 "not labelled", which contributes neither loss nor gradient; an optional per-sample ``weight``
 (XRAY-GAN's xi for synthetic images) scales each sample's loss.
 
@@ -17,22 +17,21 @@ import copy
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
-from classifiers.data import collate_items, dataset_labels, to_x
 from classifiers.evaluate import evaluate, masked_bce_from_probs, predict
 from classifiers.model import save_checkpoint
+from cxrbase import balanced_weights, collate, dataset_labels, resolve_device, to_x
+from cxrbase import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -83,23 +82,6 @@ def masked_bce_with_logits(
     return total / m.sum().clamp_min(1e-12)
 
 
-def balanced_sample_weights(labels: np.ndarray) -> np.ndarray:
-    """Per-sample weights that give each finding, and the no-positive group, equal total mass.
-
-    A sample's weight is ``1 / n_pos(c)`` for its rarest positive class ``c``; samples with no
-    positive label share ``1 / n_none``. NaN labels count as not positive.
-    """
-    labels = np.asarray(labels, dtype=np.float32)
-    pos = np.nan_to_num(labels, nan=0.0) == 1
-    n_pos = pos.sum(0).astype(np.float64)
-    inv = np.where(n_pos > 0, 1.0 / np.maximum(n_pos, 1), 0.0)
-    w = (pos * inv).max(1) if labels.shape[1] else np.zeros(len(labels))
-    none = ~pos.any(1)
-    if none.any():
-        w[none] = 1.0 / none.sum()
-    return w
-
-
 def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """LR multiplier: linear warm-up from ~0 to 1 over ``warmup_steps``, then cosine to 0."""
 
@@ -119,14 +101,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _progress(iterable: Iterable, *, total: int, desc: str, enabled: bool) -> Any:
-    """A tqdm bar that stays quiet when stderr is not a terminal."""
-    from tqdm.auto import tqdm
-
-    quiet = not enabled or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
-    return tqdm(iterable, total=total, desc=desc, disable=quiet, leave=False, dynamic_ncols=True)
 
 
 def _image_size(dataset: Dataset) -> int:
@@ -160,7 +134,7 @@ def train_classifier(
 
     Args:
         model: maps ``x`` to logits B x C (e.g. from :func:`classifiers.model.create_classifier`).
-        train_ds: training items (:mod:`classifiers.data` contract).
+        train_ds: training items (:mod:`cxrbase.items` contract).
         val_ds: validation items; None trains without validation (the last epoch counts as best).
         epochs: maximum number of epochs.
         batch_size: images per step (ignored when ``sampler`` is given).
@@ -211,7 +185,7 @@ def train_classifier(
         if meta.get("image_size") is None:
             meta["image_size"] = _image_size(train_ds)
 
-    device = torch.device(device)
+    device = resolve_device(device)
     cuda = device.type == "cuda"
     model.to(device)
     if cuda:
@@ -220,7 +194,7 @@ def train_classifier(
     gen = torch.Generator().manual_seed(seed)
     loader_kw: dict[str, Any] = {
         "num_workers": num_workers,
-        "collate_fn": collate_items,
+        "collate_fn": collate,
         "pin_memory": cuda,
         "persistent_workers": num_workers > 0,
         "generator": gen,
@@ -231,7 +205,7 @@ def train_classifier(
         n = len(train_ds)
         drop_last = n > batch_size  # never a 1-image remainder batch (BatchNorm cannot train on it)
         if balanced:
-            weights = balanced_sample_weights(dataset_labels(train_ds))
+            weights = balanced_weights(dataset_labels(train_ds))
             wsampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples=n,
                                              replacement=True, generator=gen)
             loader = DataLoader(train_ds, batch_size=batch_size, sampler=wsampler, drop_last=drop_last, **loader_kw)
@@ -267,8 +241,12 @@ def train_classifier(
                 t0 = time.perf_counter()
                 loss_sum = torch.zeros((), device=device)
                 n_images = 0
-                bar = _progress(loader, total=steps_per_epoch, desc=f"classifier epoch {epoch}/{epochs}",
-                                enabled=progress)
+                # One iterator made and dropped per epoch, as the loop always did (it wrapped the loader in
+                # tqdm.auto, whose constructor calls iter(loader)): it draws a base seed from ``gen`` (and,
+                # with workers, prefetches sampler indices), so keeping it keeps every batch bit-identical.
+                _dropped = iter(loader)
+                bar = progress_bar(loader, total=steps_per_epoch, desc=f"classifier epoch {epoch}/{epochs}",
+                                   enabled=progress)
                 for i, batch in enumerate(bar):
                     x = to_x(batch["image"], device, channels_last=cuda)
                     y = batch["labels"].to(device, non_blocking=True)
@@ -350,5 +328,4 @@ def train_classifier(
     )
 
 
-__all__ = ["TrainResult", "balanced_sample_weights", "cosine_with_warmup", "masked_bce_with_logits",
-           "train_classifier"]
+__all__ = ["TrainResult", "cosine_with_warmup", "masked_bce_with_logits", "train_classifier"]

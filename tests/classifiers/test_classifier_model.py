@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 from classifiers import model as cm
@@ -142,6 +143,7 @@ def test_checkpoint_round_trip_identical_predictions(tmp_path: Path) -> None:
     assert meta["metrics"]["curve"] == [0, 1, 2]
     assert meta["extra"] == {"fingerprint": "abc"}
     assert meta["versions"]["torch"] == torch.__version__
+    assert meta["versions"]["timm"] == timm.__version__ and all(type(v) is str for v in meta["versions"].values())
     assert "state_dict" not in meta
     with torch.no_grad():
         assert torch.equal(model(_x(4)), loaded(_x(4)))
