@@ -4,13 +4,24 @@
 ``classes`` (all zeros = healthy / ``No Finding``).  Masks are float or bool in {0, 1}.
 
 A *system* is an ``nn.Module`` holding a family's networks.  It computes; the loop in
-``generators.train.fit`` owns devices, AMP, seeds, EMA, checkpoints and logging.
+``generators.train.fit`` owns devices, AMP, seeds, EMA, checkpoints and logging.  Its adversarial
+losses, penalties and discriminator calls come from ``generators.adversarial``.
+
+Each family declares what it can do as class attributes (read by the model store, never inferred
+from class names, the way timm models carry their ``default_cfg``):
+
+- ``kind``: ``"sampler"`` (noise (+ class) -> image) or ``"translator"`` (image + target -> image).
+- ``conditional``: a sampler's ``sample(n, y)`` uses ``y``; translators take a target, so True.
+- ``adds_no_finding``: the family's ``classes`` end with ``"No Finding"``, which the caller appends
+  to the findings (UCGAN's classifier has that output).
+
+and as instance attributes ``classes`` (the columns of ``y``) and ``image_size``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +69,9 @@ class GANSystem(Protocol):
 class Sampler(Protocol):
     """Noise (+ class) -> image."""
 
+    kind: ClassVar[str]  # "sampler"
+    conditional: ClassVar[bool]
+    adds_no_finding: ClassVar[bool]
     classes: list[str]
     image_size: int
 
@@ -70,6 +84,9 @@ class Sampler(Protocol):
 class Translator(Protocol):
     """Image (+ target class) -> translated image and difference map."""
 
+    kind: ClassVar[str]  # "translator"
+    conditional: ClassVar[bool]
+    adds_no_finding: ClassVar[bool]
     classes: list[str]
     image_size: int
 

@@ -4,7 +4,8 @@ Conventions: ``x`` images float in [-1, 1], B x 1 x H x W; ``y`` multi-hot float
 (NaN already replaced by 0 by the loop; all zeros allowed).  G sees ``[z, E_g y]``; D is conditioned by a
 projection ``<E_d y, phi(x)>`` (default) or by ``y`` concatenated as constant input maps.
 
-Adversarial losses: non-saturating BCE (the paper's), hinge, or WGAN-GP.
+Adversarial losses (``generators.adversarial``): non-saturating BCE (the paper's), hinge, least squares,
+or WGAN-GP (``"wgan-gp"``, also spelt ``"wgan"``: the Wasserstein critic with its gradient penalty).
 """
 
 from __future__ import annotations
@@ -12,16 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from generators.nets import (
-    DCGANDiscriminator,
-    DCGANGenerator,
-    check_adversarial_loss,
-    discriminator_loss,
-    frozen,
-    generator_loss,
-    gradient_penalty,
-    randn,
-)
+from generators.adversarial import check_kind, d_loss, discriminate, frozen, g_loss, gradient_penalty, randn
+from generators.nets import DCGANDiscriminator, DCGANGenerator
 
 
 class CGAN(nn.Module):
@@ -33,12 +26,13 @@ class CGAN(nn.Module):
         z_dim: noise dimension.
         g_channels: generator width multiplier.
         d_channels: discriminator width multiplier.
-        loss: ``"bce"`` (non-saturating, the paper's), ``"hinge"`` or ``"wgan-gp"``.
+        loss: ``"bce"`` (non-saturating, the paper's), ``"hinge"``, ``"lsgan"`` or ``"wgan-gp"``
+            (= ``"wgan"``: Wasserstein critic plus gradient penalty, and a D without batch norm).
         spectral_norm: spectral norm on every D layer.
         lr_g: generator Adam learning rate.
         lr_d: discriminator Adam learning rate.
         betas: Adam betas for both (the paper: first moment 0.5).
-        gp_weight: weight of the WGAN-GP gradient penalty (used only with ``loss="wgan-gp"``).
+        gp_weight: weight of the WGAN-GP gradient penalty (used only with the Wasserstein loss).
         n_critic: discriminator updates per generator update (5 is usual for WGAN-GP).
         d_conditioning: ``"projection"`` or ``"concat"``.
         max_mult: cap on the width multipliers of G and D.
@@ -47,7 +41,9 @@ class CGAN(nn.Module):
         ValueError: for an unknown ``loss`` (the message lists the choices) or a bad ``image_size``.
     """
 
-    conditional = True
+    kind = "sampler"
+    conditional = True  # sample(n, y) draws images of the classes y
+    adds_no_finding = False
 
     def __init__(
         self,
@@ -68,7 +64,7 @@ class CGAN(nn.Module):
         max_mult: int = 8,
     ) -> None:
         super().__init__()
-        check_adversarial_loss(loss)
+        adv = check_kind(loss)
         if not classes:
             raise ValueError("CGAN needs at least one class")
         if n_critic < 1:
@@ -76,7 +72,8 @@ class CGAN(nn.Module):
         self.classes = list(classes)
         self.image_size = image_size
         self.z_dim = z_dim
-        self.loss = loss
+        self.loss = loss  # the config's spelling
+        self.adv = adv  # the canonical kind (``"wgan-gp"`` -> ``"wgan"``)
         self.lr_g, self.lr_d, self.betas = lr_g, lr_d, tuple(betas)
         self.gp_weight = gp_weight
         self.n_critic = n_critic
@@ -85,7 +82,7 @@ class CGAN(nn.Module):
             image_size=image_size, z_dim=z_dim, channels=g_channels, max_mult=max_mult, num_classes=k
         )
         # Batch norm mixes samples, which breaks WGAN-GP's per-sample penalty and fights spectral norm.
-        norm = "none" if (loss == "wgan-gp" or spectral_norm) else "batch"
+        norm = "none" if (adv == "wgan" or spectral_norm) else "batch"
         self.D = DCGANDiscriminator(
             image_size=image_size,
             channels=d_channels,
@@ -156,10 +153,10 @@ class CGAN(nn.Module):
             z = randn((b, self.z_dim), generator=generator, device=x.device)
             with torch.no_grad():
                 fake = self.G(z, y)
-            real_logits, fake_logits = self.D(x, y), self.D(fake, y)
-            loss_d = discriminator_loss(self.loss, real_logits, fake_logits)
-            if self.loss == "wgan-gp":
-                gp = gradient_penalty(self.D, x, fake, y, generator=generator)
+            real_logits, fake_logits = discriminate(self.D, x, y), discriminate(self.D, fake, y)
+            loss_d = d_loss(self.adv, real_logits, fake_logits)
+            if self.adv == "wgan":
+                gp = gradient_penalty(lambda v: discriminate(self.D, v, y), x, fake, generator=generator)
                 loss_d = loss_d + self.gp_weight * gp
                 out["gp"] = gp.item()
             opts["d"].zero_grad(set_to_none=True)
@@ -172,7 +169,7 @@ class CGAN(nn.Module):
         z = randn((b, self.z_dim), generator=generator, device=x.device)
         fake = self.G(z, y)
         with frozen(self.D):  # D's weight gradients are not needed for G's update
-            loss_g = generator_loss(self.loss, self.D(fake, y))
+            loss_g = g_loss(self.adv, discriminate(self.D, fake, y))
         opts["g"].zero_grad(set_to_none=True)
         loss_g.backward()
         opts["g"].step()

@@ -1,26 +1,22 @@
-"""DCGAN building blocks and the adversarial losses shared by the sampler families.
+"""DCGAN building blocks of the sampler families (CGAN, UCGAN); their losses are in ``generators.adversarial``.
 
 Conventions: ``x`` images float in [-1, 1], B x 1 x H x W; ``y`` multi-hot float B x C over a family's
 classes (all zeros allowed); ``z`` noise B x z_dim.  Image sizes are powers of two from 32 to 256; the
 number of up/down-sampling blocks is derived from the size (a 4 x 4 base doubled ``log2(size) - 2`` times).
 
-Discriminators return raw logits of shape ``B``; the losses here take logits.
+Discriminators return raw logits of shape ``B``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _sn
 
 MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 256
-ADVERSARIAL_LOSSES = ("bce", "hinge", "wgan-gp")
 
 
 def num_resolution_blocks(image_size: int) -> int:
@@ -41,38 +37,6 @@ def num_resolution_blocks(image_size: int) -> int:
             f"image_size must be a power of two between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}, got {image_size!r}"
         )
     return int(math.log2(size)) - 2
-
-
-def randn(shape: tuple[int, ...], *, generator: torch.Generator, device: torch.device | str) -> Tensor:
-    """Standard normal noise drawn from ``generator`` (on its own device), returned on ``device``.
-
-    Drawing on the generator's device keeps a CPU generator usable for CUDA models and vice versa,
-    so the same seed gives the same noise whatever device the model is on.
-    """
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
-
-
-def rand(shape: tuple[int, ...], *, generator: torch.Generator, device: torch.device | str) -> Tensor:
-    """Uniform [0, 1) noise drawn from ``generator`` (on its own device), returned on ``device``."""
-    return torch.rand(shape, generator=generator, device=generator.device).to(device)
-
-
-@contextmanager
-def frozen(*modules: nn.Module) -> Iterator[None]:
-    """Turn off ``requires_grad`` of the modules' parameters inside the block, restoring it after.
-
-    Gradients still flow *through* the modules to their inputs (e.g. from D back to G); only the
-    modules' own weight gradients are skipped.
-    """
-    params = [p for m in modules for p in m.parameters()]
-    saved = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, r in zip(params, saved):
-            p.requires_grad_(r)
 
 
 def init_dcgan_weights(module: nn.Module) -> None:
@@ -251,72 +215,3 @@ class DCGANDiscriminator(nn.Module):
         if self.embed is not None:
             out = out + (self.embed(y.to(phi.dtype)) * phi).sum(dim=1)
         return out
-
-
-def check_adversarial_loss(loss: str) -> str:
-    """Return ``loss`` if it names a known adversarial loss, else raise ValueError listing the choices."""
-    if loss not in ADVERSARIAL_LOSSES:
-        raise ValueError(f"unknown adversarial loss {loss!r}; choose one of {', '.join(ADVERSARIAL_LOSSES)}")
-    return loss
-
-
-def discriminator_loss(loss: str, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
-    """Discriminator loss (without the WGAN gradient penalty).
-
-    Args:
-        loss: ``"bce"`` (``-log D(x) - log(1 - D(G(z)))``, Eq. 1/6 of XRAY-GAN), ``"hinge"``
-            (``relu(1 - D(x)) + relu(1 + D(G(z)))``) or ``"wgan-gp"`` (``D(G(z)) - D(x)``).
-        real_logits: D's logits on real images, shape B.
-        fake_logits: D's logits on generated images, shape B'.
-
-    Returns:
-        Scalar loss, computed in float32.
-    """
-    check_adversarial_loss(loss)
-    real, fake = real_logits.float(), fake_logits.float()
-    if loss == "bce":
-        return F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + F.binary_cross_entropy_with_logits(
-            fake, torch.zeros_like(fake)
-        )
-    if loss == "hinge":
-        return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
-    return fake.mean() - real.mean()
-
-
-def generator_loss(loss: str, fake_logits: Tensor) -> Tensor:
-    """Generator adversarial loss: non-saturating ``-log D(G(z))`` for BCE, ``-D(G(z))`` otherwise.
-
-    Args:
-        loss: one of ``ADVERSARIAL_LOSSES``.
-        fake_logits: D's logits on generated images, shape B.
-
-    Returns:
-        Scalar loss, computed in float32.
-    """
-    check_adversarial_loss(loss)
-    fake = fake_logits.float()
-    if loss == "bce":
-        return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
-    return -fake.mean()
-
-
-def gradient_penalty(
-    critic: nn.Module, real: Tensor, fake: Tensor, y: Tensor | None = None, *, generator: torch.Generator
-) -> Tensor:
-    """WGAN-GP penalty ``E[(||grad_x D(x_hat)||_2 - 1)^2]`` on random interpolates (Gulrajani et al. 2017).
-
-    Args:
-        critic: the discriminator, called as ``critic(x_hat, y)`` (or ``critic(x_hat)`` when ``y`` is None).
-        real: real images B x C x H x W.
-        fake: generated images, same shape (detached by the caller or not; only x_hat is differentiated).
-        y: conditioning passed to the critic.
-        generator: source of the interpolation weights.
-
-    Returns:
-        Scalar penalty with a graph to the critic's parameters (create_graph=True).
-    """
-    eps = rand((real.shape[0], 1, 1, 1), generator=generator, device=real.device).to(real.dtype)
-    x_hat = (eps * real.detach() + (1.0 - eps) * fake.detach()).requires_grad_(True)
-    out = critic(x_hat, y) if y is not None else critic(x_hat)
-    (grad,) = torch.autograd.grad(out.float().sum(), x_hat, create_graph=True)
-    return ((grad.float().flatten(1).norm(2, dim=1) - 1.0) ** 2).mean()

@@ -1,8 +1,8 @@
 """The one training loop for every GAN family (samplers and translators): ``fit``.
 
-Data: dataset items are dicts with ``"image"`` (uint8, 1 x H x W) and ``"labels"`` (float C; 1, 0 or NaN).
-Each batch reaches ``system.training_step`` as ``{"x": B x 1 x H x W float in [-1, 1], "y": B x C float
-with NaN -> 0}`` on the training device.
+Data: dataset items follow the ``cxrbase`` item contract (``"image"`` uint8 1 x H x W, ``"labels"``
+float C; 1, 0 or NaN).  Each batch reaches ``system.training_step`` as ``{"x": B x 1 x H x W float in
+[-1, 1], "y": B x C float with NaN -> 0}`` on the training device.
 
 Determinism: batch ``s`` is a pure function of ``(seed, s)``: the index stream is the concatenation of
 per-epoch orders, epoch ``e`` being a permutation (or, with ``balanced``, a weighted draw with
@@ -11,24 +11,22 @@ replacement) from a ``torch.Generator`` seeded with ``(seed, e)``.  The ``torch.
 and the step, a run resumed from step ``k`` performs exactly the updates the uninterrupted run would
 (bit-identical on CPU; on GPU up to non-deterministic kernels).
 
-The loop owns devices, AMP (bf16 autocast, CUDA only), EMA of ``system.G``, checkpoints, metrics
-(JSON lines), the progress bar and periodic sample grids (PNG).  The systems only compute.
+The loop owns devices, AMP (bf16 autocast, CUDA only), resuming and the step; everything around a
+step is a hook, in the manner of detectron2's ``engine/train_loop.py`` ``HookBase``: EMA of
+``system.G``, metrics (window means, JSON lines, ``on_metrics``), the progress bar, periodic sample
+grids (PNG) and checkpoints.  The systems only compute.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import json
 import logging
 import math
-import platform
-import struct
-import sys
 import time
-import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from cxrbase import balanced_weights, bar, collate, dataset_labels, resolve_device, to_uint8, to_x, versions, write_png
 from generators.checkpoint import check_plain, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,7 @@ _STREAM_DATA, _STREAM_STEP, _STREAM_GRID, _STREAM_LOADER = 0, 1, 2, 3
 
 
 # ----------------------------------------------------------------------------------------------------
-# Seeds, devices, versions.
+# Seeds.
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -56,28 +55,6 @@ def derive_seed(seed: int, *keys: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else as ``torch.device``."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def package_versions() -> dict[str, str]:
-    """Python, torch and, where installed, the ``augment`` distribution, timm and numpy versions.
-
-    Read with ``importlib.metadata``, so nothing from ``augment`` is imported.
-    """
-    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses.
-    out = {"python": platform.python_version(), "torch": str(torch.__version__)}
-    for name in ("augment", "timm", "numpy"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def system_class(system: nn.Module) -> str:
     """``module.QualName`` of a system, recorded in checkpoints to refuse resuming another family."""
     return f"{type(system).__module__}.{type(system).__qualname__}"
@@ -85,42 +62,6 @@ def system_class(system: nn.Module) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 # Data.
-
-
-def dataset_labels(dataset: Dataset) -> Tensor:
-    """The N x C label matrix of a dataset (NaN kept).
-
-    Uses a ``labels`` attribute (array-like N x C) when the dataset has one, so images are not decoded;
-    otherwise reads every item's ``"labels"``.
-    """
-    labels = getattr(dataset, "labels", None)
-    if labels is not None and not callable(labels):
-        t = torch.as_tensor(np.asarray(labels, dtype=np.float32))
-        if t.ndim == 2 and t.shape[0] == len(dataset):
-            return t
-    return torch.stack([torch.as_tensor(dataset[i]["labels"], dtype=torch.float32) for i in range(len(dataset))])
-
-
-def balanced_weights(labels: Tensor) -> Tensor:
-    """Per-sample sampling weights that equalise classes.
-
-    A sample's weight is ``1 / count`` of its rarest positive class (samples with no positive label form
-    one more group), so in expectation every class -- rare ones included -- is drawn about equally often.
-
-    Args:
-        labels: N x C, 1 / 0 / NaN.
-
-    Returns:
-        N positive float64 weights.
-    """
-    pos = labels == 1
-    counts = pos.sum(dim=0).double()
-    inv = torch.where(counts > 0, 1.0 / counts.clamp_min(1), torch.zeros_like(counts))
-    w = (pos.double() * inv).amax(dim=1) if labels.shape[1] else torch.zeros(labels.shape[0], dtype=torch.float64)
-    none = ~pos.any(dim=1)
-    if none.any():
-        w[none] = 1.0 / none.sum().double()
-    return w
 
 
 class StepBatchSampler:
@@ -136,7 +77,7 @@ class StepBatchSampler:
         seed: run seed.
         start_step: first step to yield (a resumed run's checkpoint step).
         stop_step: one past the last step.
-        weights: optional per-sample weights for class-balanced epochs.
+        weights: optional per-sample weights for class-balanced epochs (e.g. ``cxrbase.balanced_weights``).
     """
 
     def __init__(
@@ -147,13 +88,13 @@ class StepBatchSampler:
         seed: int,
         start_step: int = 0,
         stop_step: int,
-        weights: Tensor | None = None,
+        weights: Tensor | np.ndarray | None = None,
     ) -> None:
         if n < 1:
             raise ValueError("the dataset is empty")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.start_step, self.stop_step = start_step, stop_step
-        self.weights = None if weights is None else weights.double()
+        self.weights = None if weights is None else torch.as_tensor(weights).double()
         self._cache: tuple[int, Tensor] | None = None
 
     def epoch_order(self, epoch: int) -> Tensor:
@@ -183,25 +124,16 @@ class StepBatchSampler:
         return max(0, self.stop_step - self.start_step)
 
 
-def collate(items: list[Mapping[str, Any]]) -> dict[str, Tensor]:
-    """Stack the ``"image"`` (uint8) and ``"labels"`` (float32) of dataset items; other keys are dropped."""
-    images = torch.stack([torch.as_tensor(it["image"]) for it in items])
-    if images.ndim == 3:  # H x W items
-        images = images[:, None]
-    labels = torch.stack([torch.as_tensor(it["labels"], dtype=torch.float32) for it in items])
-    return {"image": images, "labels": labels}
-
-
 def to_batch(raw: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """uint8 images -> ``x`` in [-1, 1]; labels -> ``y`` with NaN -> 0; both on ``device``."""
-    image = raw["image"].to(device, non_blocking=True)
-    x = image.float() / 127.5 - 1.0 if image.dtype == torch.uint8 else image.float()
+    """A collated batch (``cxrbase.collate``) -> ``{"x": images in [-1, 1], "y": labels with NaN -> 0}``
+    on ``device``."""
+    x = to_x(raw["image"], device)
     y = torch.nan_to_num(raw["labels"].to(device, non_blocking=True).float(), nan=0.0)
     return {"x": x, "y": y}
 
 
 # ----------------------------------------------------------------------------------------------------
-# EMA, images, logs.
+# EMA and sample grids.
 
 
 def make_ema(module: nn.Module) -> nn.Module:
@@ -245,58 +177,7 @@ def image_grid(x: Tensor, nrow: int = 8, pad: int = 2) -> np.ndarray:
         r, c = divmod(i, cols)
         top, left = pad + r * (h + pad), pad + c * (w + pad)
         grid[top : top + h, left : left + w] = x[i, 0]
-    return ((grid + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def write_png(path: str | Path, gray: np.ndarray) -> None:
-    """Write a 2-D uint8 array as an 8-bit grayscale PNG (zlib only; no imaging library needed)."""
-    gray = np.ascontiguousarray(gray, dtype=np.uint8)
-    h, w = gray.shape
-    raw = b"".join(b"\x00" + gray[r].tobytes() for r in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    png = (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-        + chunk(b"IDAT", zlib.compress(raw, 6))
-        + chunk(b"IEND", b"")
-    )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(png)
-    tmp.replace(path)
-
-
-def _truncate_log(path: Path, keep_until: int) -> None:
-    """Drop JSON lines logged after step ``keep_until`` (left by a run that crashed after its checkpoint)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", math.inf) <= keep_until:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue
-    path.write_text("".join(f"{line}\n" for line in kept))
-
-
-def _progress(total: int, initial: int, enabled: bool, desc: str) -> Any:
-    """A tqdm bar that is silent when disabled or when stderr is not a terminal (None if no tqdm)."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm comes with timm's dependencies; stay usable without it
-        return None
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        disable=(not enabled) or not sys.stderr.isatty(),
-        dynamic_ncols=True,
-    )
+    return to_uint8(grid[None, None])[0]
 
 
 @contextmanager
@@ -332,8 +213,268 @@ def _sample_grid(system: nn.Module, batch: dict[str, Tensor], ema: nn.Module | N
         return system.sample(64, generator=g)
 
 
+def _truncate_log(path: Path, keep_until: int) -> None:
+    """Drop JSON lines logged after step ``keep_until`` (left by a run that crashed after its checkpoint)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", math.inf) <= keep_until:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
 # ----------------------------------------------------------------------------------------------------
-# Checkpoint compatibility.
+# Arguments, grouped.
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What is trained, how: the settings that decide the updates.
+
+    Args:
+        batch_size: images per step.
+        max_steps: total number of steps of the run (counting a resumed checkpoint's steps).
+        seed: run seed; batches and step generators derive from ``(seed, step)``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... or ``"auto"`` (CUDA when available).
+        amp: bf16 autocast around ``training_step`` on CUDA (ignored on CPU).
+        balanced: class-balanced sampling (weights from label frequencies), so rare classes are learned.
+        num_workers: DataLoader worker processes.
+        ema_decay: keep an exponential moving average of ``system.G`` with this decay (e.g. 0.999).
+    """
+
+    batch_size: int
+    max_steps: int
+    seed: int = 0
+    device: str | torch.device = "cpu"
+    amp: bool = True
+    balanced: bool = False
+    num_workers: int = 0
+    ema_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_steps < 1:
+            raise ValueError(f"batch_size and max_steps must be >= 1, got {self.batch_size} and {self.max_steps}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where a run keeps its state, and whether it continues from it.
+
+    Args:
+        dir: folder for ``checkpoint.pt`` (and, by default, ``metrics.jsonl`` and ``samples/``).
+        every: checkpoint every this many steps (and always at the end).
+        resume: continue from ``dir/checkpoint.pt`` when it exists.
+        meta: stored in the checkpoint and checked on resume: ``model_cfg`` (with ``_target_``),
+            ``classes``, ``image_size``, ``data_fingerprint`` (and any other plain values);
+            ``classes``/``image_size`` default to the system's attributes.
+    """
+
+    dir: str | Path
+    every: int = 500
+    resume: bool = True
+    meta: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"checkpoint every must be >= 1, got {self.every}")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """What the run reports.
+
+    Args:
+        every: log the mean of the metrics over this many steps.
+        path: JSON-lines metrics file (default ``<checkpoint dir>/metrics.jsonl``; none without either).
+        sample_every: write a sample grid PNG every this many steps into ``samples/`` beside the
+            checkpoint (or the metrics file); None or 0: never.
+        progress: show a progress bar (only when stderr is a terminal and ``CI`` is unset).
+        on_metrics: called as ``on_metrics(step, metrics)`` at every logged step (``step`` counts
+            completed steps, so the last call has ``step == max_steps``), before that step's checkpoint.
+    """
+
+    every: int = 10
+    path: str | Path | None = None
+    sample_every: int | None = None
+    progress: bool = True
+    on_metrics: Callable[[int, dict[str, float]], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"log every must be >= 1, got {self.every}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop's state and its hooks.
+
+
+@dataclass
+class TrainState:
+    """What hooks see of the running loop.
+
+    ``step`` counts completed steps: inside ``after_step`` it is the number of the step just done
+    plus one (a resumed run starts at its checkpoint's step, ``start``).
+    """
+
+    system: nn.Module
+    opts: dict[str, torch.optim.Optimizer]
+    loop: LoopConfig
+    device: torch.device
+    amp: bool  # autocast in effect (asked for, and on CUDA)
+    meta: dict[str, Any]  # checkpoint metadata (classes, image_size, model_cfg, ...)
+    ema: nn.Module | None = None
+    start: int = 0
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)  # the last logged means
+    outputs: dict[str, float] = field(default_factory=dict)  # the last training_step's floats
+    batch: dict[str, Tensor] | None = None  # the last batch
+    logged: bool = False  # ``metrics`` were refreshed at this step
+    completed: bool = False  # the loop ran to ``max_steps`` without an exception
+
+
+class HookBase:
+    """A piece of work around the loop (detectron2 ``HookBase``).  Hooks run in order at each call.
+
+    ``after_train`` runs even when the loop raised (to close files and bars); work that must only
+    follow a finished run checks ``state.completed``.
+    """
+
+    def before_train(self, state: TrainState) -> None:
+        """Before the first step (after resuming)."""
+
+    def after_step(self, state: TrainState) -> None:
+        """After each step; ``state.step`` already counts it."""
+
+    def after_train(self, state: TrainState) -> None:
+        """After the last step, or when the loop raised."""
+
+
+class EMAHook(HookBase):
+    """Update ``state.ema`` from ``system.G`` after every step, with the warm-up of ``ema_decay_at``."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+
+    def after_step(self, state: TrainState) -> None:
+        update_ema(state.ema, state.system.G, ema_decay_at(self.decay, state.step - 1))
+
+
+class MetricsHook(HookBase):
+    """Average the step outputs over ``every`` steps into ``state.metrics``; append them to a JSON-lines
+    file and pass them to ``on_metrics``."""
+
+    def __init__(
+        self, every: int, path: Path | None, on_metrics: Callable[[int, dict[str, float]], None] | None
+    ) -> None:
+        self.every, self.path, self.on_metrics = every, path, on_metrics
+        self.window: dict[str, list[float]] = {}
+        self.t0 = 0.0
+
+    def before_train(self, state: TrainState) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _truncate_log(self.path, state.step)
+        self.t0 = time.perf_counter()
+
+    def after_step(self, state: TrainState) -> None:
+        for k, v in state.outputs.items():
+            self.window.setdefault(k, []).append(float(v))
+        state.logged = state.step % self.every == 0 or state.step == state.loop.max_steps
+        if not state.logged:
+            return
+        state.metrics = {k: float(np.mean(v)) for k, v in self.window.items()}
+        self.window = {}
+        bad = [k for k, v in state.metrics.items() if not math.isfinite(v)]
+        if bad:
+            log.warning("step %d: non-finite metrics %s", state.step, bad)
+        if self.path is not None:
+            record = {"step": state.step, **state.metrics, "time_s": time.perf_counter() - self.t0}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.on_metrics is not None:
+            self.on_metrics(state.step, dict(state.metrics))
+
+
+class ProgressHook(HookBase):
+    """A progress bar over the run's steps, showing the first logged metrics (``cxrbase.bar``)."""
+
+    def __init__(self, enabled: bool, desc: str) -> None:
+        self.enabled, self.desc = enabled, desc
+        self.bar: Any = None
+
+    def before_train(self, state: TrainState) -> None:
+        self.bar = bar(state.loop.max_steps, initial=state.step, desc=self.desc, enabled=self.enabled)
+
+    def after_step(self, state: TrainState) -> None:
+        self.bar.update(1)
+        if state.logged:
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in list(state.metrics.items())[:4]}, refresh=False)
+
+    def after_train(self, state: TrainState) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class SampleGridHook(HookBase):
+    """Every ``every`` steps (and at the end) write ``folder/step_<step>.png``: G's samples for a
+    sampler (EMA weights when kept), ``system.sample_grid(batch)`` for a translator."""
+
+    def __init__(self, every: int, folder: Path) -> None:
+        self.every, self.folder = every, folder
+
+    def after_step(self, state: TrainState) -> None:
+        if state.step % self.every != 0 and state.step != state.loop.max_steps:
+            return
+        images = _sample_grid(state.system, state.batch, state.ema, state.loop.seed)
+        if images is not None:
+            write_png(self.folder / f"step_{state.step:07d}.png", image_grid(images), atomic=True)
+
+
+class CheckpointHook(HookBase):
+    """Write ``checkpoint.pt`` every ``every`` steps and at the end of a finished run.
+
+    The payload: the metadata (``model_cfg``, ``classes``, ``image_size``, ``data_fingerprint``, ...),
+    ``system_class``, ``state_dict``, ``ema_state_dict``, ``optimizer_states``, ``step``, ``done``,
+    ``metrics``, ``fit`` (the loop settings) and ``versions``.
+    """
+
+    def __init__(self, path: Path, every: int) -> None:
+        self.path, self.every = path, every
+
+    def after_step(self, state: TrainState) -> None:
+        if state.step % self.every == 0 and state.step < state.loop.max_steps:
+            self.save(state)
+
+    def after_train(self, state: TrainState) -> None:
+        if state.completed:
+            self.save(state)
+
+    def save(self, state: TrainState) -> None:
+        loop = state.loop
+        payload = {
+            **state.meta,
+            "system_class": system_class(state.system),
+            "state_dict": state.system.state_dict(),
+            "ema_state_dict": state.ema.state_dict() if state.ema is not None else None,
+            "optimizer_states": {name: opt.state_dict() for name, opt in state.opts.items()},
+            "step": state.step,
+            "done": state.step >= loop.max_steps,
+            "metrics": state.metrics,
+            "fit": {"seed": loop.seed, "batch_size": loop.batch_size, "max_steps": loop.max_steps,
+                    "balanced": loop.balanced, "ema_decay": loop.ema_decay, "amp": state.amp},
+            "versions": versions("augment", "timm"),
+        }
+        save_checkpoint(self.path, payload)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resuming.
 
 
 def _target(cfg: Any) -> str | None:
@@ -368,193 +509,27 @@ def _check_resume(ckpt: Mapping[str, Any], meta: Mapping[str, Any], system: nn.M
         log.warning("resuming %s trained on other data (fingerprint %s, now %s)", path, fp_have, fp_want)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The loop.
-
-
-def fit(
-    system: nn.Module,
-    dataset: Dataset,
-    *,
-    batch_size: int,
-    max_steps: int,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    ckpt_dir: str | Path | None = None,
-    ckpt_every: int = 500,
-    resume: bool = True,
-    ema_decay: float | None = None,
-    amp: bool = True,
-    balanced: bool = False,
-    num_workers: int = 0,
-    log_path: str | Path | None = None,
-    sample_every: int | None = None,
-    ckpt_meta: dict | None = None,
-    on_metrics: Callable[[int, dict[str, float]], None] | None = None,
-    progress: bool = True,
-    log_every: int = 10,
-) -> dict[str, float]:
-    """Train ``system`` for ``max_steps`` steps (in total, counting a resumed checkpoint's steps).
-
-    Args:
-        system: a ``GANSystem`` (``G``, ``configure_optimizers``, ``training_step``); an ``nn.Module``.
-        dataset: items ``{"image": uint8 1 x H x W, "labels": float C (NaN allowed)}``.
-        batch_size: images per step.
-        max_steps: total number of steps of the run.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... or ``"auto"`` (CUDA when available).
-        seed: run seed; batches and step generators derive from ``(seed, step)``.
-        ckpt_dir: folder for ``checkpoint.pt``, ``metrics.jsonl`` and ``samples/``; None: no checkpoints.
-        ckpt_every: checkpoint every this many steps (and always at the end).
-        resume: continue from ``ckpt_dir/checkpoint.pt`` when it exists.
-        ema_decay: keep an exponential moving average of ``system.G`` with this decay (e.g. 0.999).
-        amp: bf16 autocast around ``training_step`` on CUDA (ignored on CPU).
-        balanced: class-balanced sampling (weights from label frequencies), so rare classes are learned.
-        num_workers: DataLoader worker processes.
-        log_path: JSON-lines metrics file (default ``ckpt_dir/metrics.jsonl``; None without ckpt_dir).
-        sample_every: write a sample grid PNG every this many steps (needs ckpt_dir or log_path).
-        ckpt_meta: stored in the checkpoint and checked on resume: ``model_cfg`` (with ``_target_``),
-            ``classes``, ``image_size``, ``data_fingerprint``; ``classes``/``image_size`` default to
-            the system's attributes.
-        on_metrics: called as ``on_metrics(step, metrics)`` at every logged step (``step`` counts
-            completed steps, so the last call has ``step == max_steps``).
-        progress: show a progress bar (only when stderr is a terminal).
-        log_every: log the mean of the metrics over this many steps.
-
-    Returns:
-        The last logged metrics (means over the last logging window), or the checkpoint's metrics when
-        it had already reached ``max_steps``.
-
-    Raises:
-        ValueError: on bad arguments, on a checkpoint of another family, class list or image size, or on
-            data whose image size or number of label columns does not fit the system.
-    """
-    if batch_size < 1 or max_steps < 1 or ckpt_every < 1 or log_every < 1:
-        raise ValueError("batch_size, max_steps, ckpt_every and log_every must be >= 1")
-    if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-    dev = resolve_device(device)
-    meta: dict[str, Any] = dict(ckpt_meta or {})
-    meta.setdefault("classes", list(getattr(system, "classes", [])) or None)
-    meta.setdefault("image_size", getattr(system, "image_size", None))
-    check_plain(meta, "ckpt_meta")  # fail now, not at the first checkpoint after hours of training
-    ckpt_path = Path(ckpt_dir) / CHECKPOINT_NAME if ckpt_dir is not None else None
-    if log_path is None and ckpt_dir is not None:
-        log_path = Path(ckpt_dir) / "metrics.jsonl"
-    log_file = Path(log_path) if log_path is not None else None
-    samples_dir = (Path(ckpt_dir) if ckpt_dir is not None else log_file.parent if log_file else None)
-    samples_dir = samples_dir / "samples" if samples_dir is not None else None
-
-    system.to(dev)
-    system.train()
-    opts = system.configure_optimizers()
-    ema = make_ema(system.G) if ema_decay is not None else None
-
-    start, metrics = 0, {}
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        _check_resume(ckpt, meta, system, ckpt_path)
-        try:
-            system.load_state_dict(ckpt["state_dict"])
-            for name, opt in opts.items():
-                opt.load_state_dict(ckpt["optimizer_states"][name])
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise ValueError(f"checkpoint {ckpt_path} does not fit this model: {err}") from err
-        if ema is not None:
-            if ckpt.get("ema_state_dict") is not None:
-                ema.load_state_dict(ckpt["ema_state_dict"])
-            else:
-                ema.load_state_dict(system.G.state_dict())
-        start, metrics = int(ckpt["step"]), dict(ckpt.get("metrics") or {})
-        fit_cfg = ckpt.get("fit") or {}
-        if fit_cfg and (fit_cfg.get("seed"), fit_cfg.get("batch_size")) != (seed, batch_size):
-            log.warning("resuming %s with another seed/batch size: batches differ from the original run", ckpt_path)
-        log.info("resumed %s at step %d", ckpt_path, start)
-        if start >= max_steps:
-            return metrics
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        _truncate_log(log_file, start)
-
-    weights = balanced_weights(dataset_labels(dataset)) if balanced else None
-    sampler = StepBatchSampler(
-        len(dataset), batch_size, seed=seed, start_step=start, stop_step=max_steps, weights=weights
-    )
-    # Own generator: the DataLoader draws its worker base seed from it instead of the global RNG.
-    loader = DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=num_workers,
-        pin_memory=dev.type == "cuda",
-        generator=torch.Generator().manual_seed(derive_seed(seed, _STREAM_LOADER)),
-    )
-    use_amp = amp and dev.type == "cuda"
-    classes = meta.get("classes")
-    image_size = meta.get("image_size")
-    fit_cfg = {"seed": seed, "batch_size": batch_size, "max_steps": max_steps, "balanced": balanced,
-               "ema_decay": ema_decay, "amp": use_amp}
-
-    def checkpoint(step: int) -> None:
-        if ckpt_path is None:
-            return
-        payload = {
-            **meta,
-            "system_class": system_class(system),
-            "state_dict": system.state_dict(),
-            "ema_state_dict": ema.state_dict() if ema is not None else None,
-            "optimizer_states": {name: opt.state_dict() for name, opt in opts.items()},
-            "step": step,
-            "done": step >= max_steps,
-            "metrics": metrics,
-            "fit": fit_cfg,
-            "versions": package_versions(),
-        }
-        save_checkpoint(ckpt_path, payload)
-
-    bar = _progress(max_steps, start, progress, type(system).__name__)
-    window: dict[str, list[float]] = {}
-    t0 = time.perf_counter()
-    step = start
+def _resume(state: TrainState, path: Path) -> None:
+    """Load weights, optimiser states, EMA, step and metrics from ``path`` into ``state``."""
+    ckpt = load_checkpoint(path)
+    _check_resume(ckpt, state.meta, state.system, path)
     try:
-        for raw in loader:
-            batch = to_batch(raw, dev)
-            if step == start:
-                _check_batch(batch, classes, image_size)
-            gen = torch.Generator(device=dev).manual_seed(derive_seed(seed, _STREAM_STEP, step))
-            ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
-            with ctx:
-                out = system.training_step(batch, opts, step=step, generator=gen)
-            if ema is not None:
-                update_ema(ema, system.G, ema_decay_at(ema_decay, step))
-            for k, v in out.items():
-                window.setdefault(k, []).append(float(v))
-            step += 1
-            if bar is not None:
-                bar.update(1)
-            if step % log_every == 0 or step == max_steps:
-                metrics = {k: float(np.mean(v)) for k, v in window.items()}
-                window = {}
-                bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-                if bad:
-                    log.warning("step %d: non-finite metrics %s", step, bad)
-                if log_file is not None:
-                    with open(log_file, "a") as f:
-                        f.write(json.dumps({"step": step, **metrics, "time_s": time.perf_counter() - t0}) + "\n")
-                if bar is not None:
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:4]}, refresh=False)
-                if on_metrics is not None:
-                    on_metrics(step, dict(metrics))
-            if sample_every and samples_dir is not None and (step % sample_every == 0 or step == max_steps):
-                images = _sample_grid(system, batch, ema, seed)
-                if images is not None:
-                    write_png(samples_dir / f"step_{step:07d}.png", image_grid(images))
-            if step % ckpt_every == 0 and step < max_steps:
-                checkpoint(step)
-    finally:
-        if bar is not None:
-            bar.close()
-    checkpoint(step)
-    return metrics
+        state.system.load_state_dict(ckpt["state_dict"])
+        for name, opt in state.opts.items():
+            opt.load_state_dict(ckpt["optimizer_states"][name])
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise ValueError(f"checkpoint {path} does not fit this model: {err}") from err
+    if state.ema is not None:
+        if ckpt.get("ema_state_dict") is not None:
+            state.ema.load_state_dict(ckpt["ema_state_dict"])
+        else:
+            state.ema.load_state_dict(state.system.G.state_dict())
+    state.start = state.step = int(ckpt["step"])
+    state.metrics = dict(ckpt.get("metrics") or {})
+    fit_cfg = ckpt.get("fit") or {}
+    if fit_cfg and (fit_cfg.get("seed"), fit_cfg.get("batch_size")) != (state.loop.seed, state.loop.batch_size):
+        log.warning("resuming %s with another seed/batch size: batches differ from the original run", path)
+    log.info("resumed %s at step %d", path, state.step)
 
 
 def _check_batch(batch: dict[str, Tensor], classes: list[str] | None, image_size: int | None) -> None:
@@ -568,3 +543,134 @@ def _check_batch(batch: dict[str, Tensor], classes: list[str] | None, image_size
         )
     if classes is not None and y.shape[1] != len(classes):
         raise ValueError(f"data has {y.shape[1]} label columns but the model has {len(classes)} classes {classes}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def fit(
+    system: nn.Module,
+    dataset: Dataset,
+    loop: LoopConfig,
+    *,
+    checkpoint: CheckpointConfig | None = None,
+    logs: LogConfig | None = None,
+    hooks: Sequence[HookBase] = (),
+) -> dict[str, float]:
+    """Train ``system`` for ``loop.max_steps`` steps (in total, counting a resumed checkpoint's steps).
+
+    Args:
+        system: a ``GANSystem`` (``G``, ``configure_optimizers``, ``training_step``); an ``nn.Module``.
+        dataset: items ``{"image": uint8 1 x H x W, "labels": float C (NaN allowed)}``.
+        loop: batch size, steps, seed, device, AMP, balanced sampling, workers, EMA decay.
+        checkpoint: where to checkpoint and whether to resume; None: no checkpoints.
+        logs: logging interval, JSON-lines file, sample grids, progress bar, ``on_metrics``
+            (default ``LogConfig()``).
+        hooks: extra hooks, run after the built-in ones (EMA, metrics, progress, sample grid,
+            checkpoint) at each call.
+
+    Returns:
+        The last logged metrics (means over the last logging window), or the checkpoint's metrics when
+        it had already reached ``max_steps``.
+
+    Raises:
+        ValueError: on a checkpoint of another family, class list or image size, or on data whose image
+            size or number of label columns does not fit the system.
+        TypeError: on checkpoint metadata that ``torch.load(weights_only=True)`` could not read back.
+    """
+    logs = logs if logs is not None else LogConfig()
+    dev = resolve_device(loop.device)
+    meta: dict[str, Any] = dict(checkpoint.meta or {}) if checkpoint is not None else {}
+    meta.setdefault("classes", list(getattr(system, "classes", [])) or None)
+    meta.setdefault("image_size", getattr(system, "image_size", None))
+    check_plain(meta, "ckpt_meta")  # fail now, not at the first checkpoint after hours of training
+    ckpt_path = Path(checkpoint.dir) / CHECKPOINT_NAME if checkpoint is not None else None
+    log_file = Path(logs.path) if logs.path is not None else None
+    if log_file is None and checkpoint is not None:
+        log_file = Path(checkpoint.dir) / "metrics.jsonl"
+    out_dir = Path(checkpoint.dir) if checkpoint is not None else log_file.parent if log_file else None
+
+    system.to(dev)
+    system.train()
+    state = TrainState(
+        system=system,
+        opts=system.configure_optimizers(),
+        loop=loop,
+        device=dev,
+        amp=loop.amp and dev.type == "cuda",
+        meta=meta,
+        ema=make_ema(system.G) if loop.ema_decay is not None else None,
+    )
+    if checkpoint is not None and checkpoint.resume and ckpt_path.exists():
+        _resume(state, ckpt_path)
+        if state.step >= loop.max_steps:
+            return state.metrics
+
+    builtin: list[HookBase] = []
+    if state.ema is not None:
+        builtin.append(EMAHook(loop.ema_decay))
+    builtin += [MetricsHook(logs.every, log_file, logs.on_metrics), ProgressHook(logs.progress, type(system).__name__)]
+    if logs.sample_every and out_dir is not None:
+        builtin.append(SampleGridHook(logs.sample_every, out_dir / "samples"))
+    if ckpt_path is not None:
+        builtin.append(CheckpointHook(ckpt_path, checkpoint.every))
+    all_hooks = [*builtin, *hooks]
+
+    weights = balanced_weights(dataset_labels(dataset)) if loop.balanced else None
+    sampler = StepBatchSampler(
+        len(dataset), loop.batch_size, seed=loop.seed, start_step=state.step, stop_step=loop.max_steps, weights=weights
+    )
+    # Own generator: the DataLoader draws its worker base seed from it instead of the global RNG.
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=loop.num_workers,
+        pin_memory=dev.type == "cuda",
+        generator=torch.Generator().manual_seed(derive_seed(loop.seed, _STREAM_LOADER)),
+    )
+    try:
+        for h in all_hooks:
+            h.before_train(state)
+        for raw in loader:
+            batch = to_batch(raw, dev)
+            if state.step == state.start:
+                _check_batch(batch, meta.get("classes"), meta.get("image_size"))
+            gen = torch.Generator(device=dev).manual_seed(derive_seed(loop.seed, _STREAM_STEP, state.step))
+            ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if state.amp else nullcontext()
+            with ctx:
+                state.outputs = system.training_step(batch, state.opts, step=state.step, generator=gen)
+            state.batch = batch
+            state.step += 1
+            for h in all_hooks:
+                h.after_step(state)
+        state.completed = True
+    finally:
+        for h in all_hooks:
+            h.after_train(state)
+    return state.metrics
+
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "CheckpointConfig",
+    "CheckpointHook",
+    "EMAHook",
+    "HookBase",
+    "LogConfig",
+    "LoopConfig",
+    "MetricsHook",
+    "ProgressHook",
+    "SampleGridHook",
+    "StepBatchSampler",
+    "TrainState",
+    "derive_seed",
+    "ema_decay_at",
+    "fit",
+    "image_grid",
+    "make_ema",
+    "system_class",
+    "to_batch",
+    "update_ema",
+]

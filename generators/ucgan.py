@@ -39,14 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from generators.nets import (
-    DCGANDiscriminator,
-    DCGANGenerator,
-    discriminator_loss,
-    frozen,
-    generator_loss,
-    randn,
-)
+from generators.adversarial import d_loss, discriminate, frozen, g_loss, randn
+from generators.nets import DCGANDiscriminator, DCGANGenerator
 
 DEFAULT_STYLE_LEVELS = 3
 
@@ -289,7 +283,9 @@ class UCGAN(nn.Module):
         max_mult: cap on the width multipliers of G and D.
     """
 
-    conditional = False
+    kind = "sampler"
+    conditional = False  # sample(n) ignores classes: generated images are pseudo-labelled by C
+    adds_no_finding = True  # C's classes are the findings plus "No Finding", which the caller appends
 
     def __init__(
         self,
@@ -453,8 +449,8 @@ class UCGAN(nn.Module):
         out: dict[str, float] = {}
 
         # D: lam * L_D on real vs generated.
-        real_logits, fake_logits = self.D(x), self.D(fake.detach())
-        loss_d = self.lam * discriminator_loss("bce", real_logits, fake_logits)
+        real_logits, fake_logits = discriminate(self.D, x), discriminate(self.D, fake.detach())
+        loss_d = self.lam * d_loss("bce", real_logits, fake_logits)
         opts["d"].zero_grad(set_to_none=True)
         loss_d.backward()
         opts["d"].step()
@@ -470,7 +466,7 @@ class UCGAN(nn.Module):
 
         # G: adversarial + regularisers + the generated half of tau * L_C, all through `fake`.
         with frozen(self.D, self.C):
-            loss_adv = generator_loss("bce", self.D(fake))
+            loss_adv = g_loss("bce", discriminate(self.D, fake))
             terms = self.score_terms(x, fake)
         loss_g = self.delta * loss_adv + self.tau * self.xi * terms["pseudo"]
         if "is" in terms:

@@ -39,15 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from generators.base import Translation
-from generators.translators.common import (
-    clean_labels,
-    complementary_targets,
-    frozen,
-    rand,
-    step_optimizer,
-    translation_grid,
-)
-from generators.translators.losses import d_adv_loss, g_adv_loss, r1_penalty
+from generators.adversarial import d_loss, discriminate, frozen, g_loss, r1_penalty, rand
+from generators.translators.common import clean_labels, complementary_targets, step_optimizer, translation_grid
 from generators.translators.nets import MappingNetwork, PatchDiscriminator, UNetGenerator, check_bottleneck
 
 # -- pure functions -----------------------------------------------------------------------------------
@@ -214,6 +207,10 @@ class BranchedGAN(nn.Module):
         betas: Adam betas.
     """
 
+    kind = "translator"
+    conditional = True  # translate(x, target) takes the target classes
+    adds_no_finding = False
+
     def __init__(
         self,
         *,
@@ -279,7 +276,7 @@ class BranchedGAN(nn.Module):
         }
 
     def _logit(self, z: Tensor, c: Tensor) -> Tensor:
-        return select_domain(self.D(z)[0], c)
+        return select_domain(discriminate(self.D, z)[0], c)
 
     def blended(
         self, x: Tensor, c_own: Tensor, c_other: Tensor, alpha: Tensor
@@ -298,7 +295,7 @@ class BranchedGAN(nn.Module):
         x_req = x.detach().requires_grad_(True)
         real = self._logit(x_req, c_x)
         fake = [self._logit(f.detach(), c) for f, c in fakes]
-        adv = d_adv_loss(real, fake, "bce")
+        adv = d_loss("bce", real, fake, upcast=False)
         r1 = r1_penalty(real, x_req)
         loss = adv + self.lambda_r1 * r1
         return loss, {"d_adv": adv.item(), "d_r1": r1.item(), "d_loss": loss.item()}
@@ -322,7 +319,8 @@ class BranchedGAN(nn.Module):
             "g_sqr": specialisation_loss(psi_x) + specialisation_loss(psi_t),
             "g_energy": energy_balance_loss(psi_x) + energy_balance_loss(psi_t),
             "g_sparse": sparsity_loss(psi_x[:, 0]) + sparsity_loss(psi_t[:, 0]),
-            "g_adv": g_adv_loss(self._logit(x_own, c_x), "bce") + g_adv_loss(self._logit(x_st, c_t), "bce"),
+            "g_adv": g_loss("bce", self._logit(x_own, c_x), upcast=False)
+            + g_loss("bce", self._logit(x_st, c_t), upcast=False),
         }
 
     def generator_weights(self) -> dict[str, float]:
@@ -369,7 +367,7 @@ class BranchedGAN(nn.Module):
         x = batch["x"]
         c_x = clean_labels(batch["y"]).to(x.device)
         c_t = complementary_targets(c_x, generator=generator)
-        alpha = rand((self.n_branches - 1,), generator=generator, like=x)
+        alpha = rand((self.n_branches - 1,), generator=generator, device=x.device, dtype=x.dtype)
         blended = self.blended(x, c_x, c_t, alpha)
         _, _, x_own, x_st = blended
         loss_d, logs = self.discriminator_loss(x, c_x, [(x_own, c_x), (x_st, c_t)])

@@ -1,4 +1,4 @@
-"""Helpers shared by the translator systems: label cleaning, target sampling, grids.
+"""Helpers shared by the translator systems: label cleaning, target sampling, grids, optimiser steps.
 
 ``x``: images in [-1, 1], B x 1 x H x W; ``y``: multi-hot float B x C (NaN = not labelled).
 Random draws use the ``torch.Generator`` handed in by the training loop, never the global RNG.
@@ -6,11 +6,10 @@ Random draws use the ``torch.Generator`` handed in by the training loop, never t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from generators.adversarial import rand, randperm
 
 
 def clean_labels(y: Tensor) -> Tensor:
@@ -19,23 +18,13 @@ def clean_labels(y: Tensor) -> Tensor:
     return torch.nan_to_num(y, nan=0.0)
 
 
-def rand(shape: tuple[int, ...], *, generator: torch.Generator, like: Tensor) -> Tensor:
-    """Uniform [0, 1) draws from ``generator`` (on its own device), moved to ``like``'s device/dtype."""
-    return torch.rand(shape, generator=generator, device=generator.device).to(device=like.device, dtype=like.dtype)
-
-
-def randperm(n: int, *, generator: torch.Generator, device: torch.device) -> Tensor:
-    """A permutation of ``range(n)`` from ``generator``, on ``device``."""
-    return torch.randperm(n, generator=generator, device=generator.device).to(device)
-
-
 def sample_targets(y: Tensor, *, generator: torch.Generator, p_healthy: float) -> Tensor:
     """Target domains for a batch: another image's labels (a batch permutation, as StarGAN samples
     multi-attribute targets), replaced by all zeros (``No Finding``) with probability ``p_healthy`` so the
     translation that inference uses, to healthy, is always trained."""
     perm = randperm(y.shape[0], generator=generator, device=y.device)
     target = y[perm].clone()
-    healthy = rand((y.shape[0], 1), generator=generator, like=y) < p_healthy
+    healthy = rand((y.shape[0], 1), generator=generator, device=y.device, dtype=y.dtype) < p_healthy
     return torch.where(healthy, torch.zeros_like(target), target)
 
 
@@ -52,28 +41,14 @@ def complementary_targets(y: Tensor, *, generator: torch.Generator) -> Tensor:
     if healthy_idx.numel() == 0:
         return target
     ab_idx = abnormal.nonzero().flatten()
+    u = rand((healthy_idx.numel(),), generator=generator, device=y.device, dtype=y.dtype)
     if ab_idx.numel() > 0:
-        pick = (rand((healthy_idx.numel(),), generator=generator, like=y) * ab_idx.numel()).long()
-        pick = pick.clamp_max(ab_idx.numel() - 1)
+        pick = (u * ab_idx.numel()).long().clamp_max(ab_idx.numel() - 1)
         target[healthy_idx] = y[ab_idx[pick]]
     else:
-        cls = (rand((healthy_idx.numel(),), generator=generator, like=y) * n_cls).long().clamp_max(n_cls - 1)
+        cls = (u * n_cls).long().clamp_max(n_cls - 1)
         target[healthy_idx, cls] = 1.0
     return target
-
-
-@contextmanager
-def frozen(*modules: nn.Module) -> Iterator[None]:
-    """Turn off parameter gradients of ``modules`` inside the block (D while G steps), then restore."""
-    saved = [[p.requires_grad for p in m.parameters()] for m in modules]
-    for m in modules:
-        m.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for m, flags in zip(modules, saved):
-            for p, f in zip(m.parameters(), flags):
-                p.requires_grad_(f)
 
 
 def translation_grid(x: Tensor, image: Tensor, ncol: int = 8) -> Tensor:

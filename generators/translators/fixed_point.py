@@ -29,8 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from generators.base import Translation
-from generators.translators.common import clean_labels, frozen, sample_targets, step_optimizer, translation_grid
-from generators.translators.losses import d_adv_loss, domain_loss, g_adv_loss, gradient_penalty, l1
+from generators.adversarial import check_kind, d_loss, discriminate, frozen, g_loss, gradient_penalty
+from generators.translators.common import clean_labels, sample_targets, step_optimizer, translation_grid
+from generators.translators.losses import domain_loss, l1
 from generators.translators.nets import PatchDiscriminator, ResidualGenerator, check_bottleneck
 
 
@@ -59,7 +60,8 @@ class FixedPointGAN(nn.Module):
         n_res: generator bottleneck residual blocks.
         d_layers: discriminator down-samplings (default ``log2(image_size) - 2``, at most 6).
         skips: U-Net skips in G (off by default: StarGAN's generator has none).
-        adv: adversarial kind, ``"wgan"`` (default), ``"bce"`` or ``"lsgan"``.
+        adv: adversarial kind (``generators.adversarial``): ``"wgan"`` (default), ``"bce"``, ``"lsgan"``
+            or ``"hinge"``.
         lambda_domain: weight of the domain-classification losses (Eq. 6, 7).
         lambda_cyc: weight of the cycle loss.
         lambda_id: weight of the conditional identity loss.
@@ -72,6 +74,10 @@ class FixedPointGAN(nn.Module):
         lr_d: discriminator Adam learning rate.
         betas: Adam betas.
     """
+
+    kind = "translator"
+    conditional = True  # translate(x, target) takes the target classes
+    adds_no_finding = False
 
     def __init__(
         self,
@@ -105,7 +111,7 @@ class FixedPointGAN(nn.Module):
         if not 0.0 <= p_healthy <= 1.0:
             raise ValueError(f"p_healthy must be in [0, 1], got {p_healthy}")
         check_bottleneck(image_size, n_down)
-        d_adv_loss(torch.zeros(1), [torch.zeros(1)], adv)  # validates ``adv`` early
+        adv = check_kind(adv)
         self.classes = list(classes)
         self.image_size = image_size
         self.adv = adv
@@ -133,15 +139,15 @@ class FixedPointGAN(nn.Module):
         }
 
     def _critic(self, z: Tensor) -> Tensor:
-        return self.D(z)[0]
+        return discriminate(self.D, z)[0]
 
     def discriminator_loss(
         self, x: Tensor, c_x: Tensor, fakes: Sequence[Tensor], *, generator: torch.Generator
     ) -> tuple[Tensor, dict[str, float]]:
         """Eq. 6 (+ gradient penalty) on real ``x`` and the (detached) translations ``fakes``."""
-        real_adv, real_cls = self.D(x)
-        fake_adv = [self.D(f.detach())[0] for f in fakes]
-        adv = d_adv_loss(real_adv, fake_adv, self.adv)
+        real_adv, real_cls = discriminate(self.D, x)
+        fake_adv = [discriminate(self.D, f.detach())[0] for f in fakes]
+        adv = d_loss(self.adv, real_adv, fake_adv, upcast=False)
         dom = domain_loss(real_cls, c_x)
         loss = adv + self.lambda_domain * dom
         logs = {"d_adv": adv.item(), "d_domain": dom.item()}
@@ -157,15 +163,15 @@ class FixedPointGAN(nn.Module):
     def generator_terms(self, x: Tensor, c_x: Tensor, c_y: Tensor) -> dict[str, Tensor]:
         """Unweighted Eq. 7 terms ``g_adv``, ``g_domain``, ``g_cyc``, ``g_id`` (0 for StarGAN)."""
         fake_y = self.G(x, c_y)
-        adv_y, cls_y = self.D(fake_y)
-        adv = g_adv_loss(adv_y, self.adv)
+        adv_y, cls_y = discriminate(self.D, fake_y)
+        adv = g_loss(self.adv, adv_y, upcast=False)
         dom = domain_loss(cls_y, c_y)
         recs = [self.G(fake_y, c_x)]
         ident = x.new_zeros(())
         if self.use_identity:
             fake_x = self.G(x, c_x)
-            adv_x, cls_x = self.D(fake_x)
-            adv = adv + g_adv_loss(adv_x, self.adv)
+            adv_x, cls_x = discriminate(self.D, fake_x)
+            adv = adv + g_loss(self.adv, adv_x, upcast=False)
             dom = dom + domain_loss(cls_x, c_x)
             recs.append(self.G(fake_x, c_x))
             ident = identity_loss(x, fake_x)

@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from generators.base import Translation
-from generators.translators.common import clean_labels, frozen, rand, step_optimizer, translation_grid
-from generators.translators.losses import d_adv_loss, domain_loss, g_adv_loss, gradient_penalty, l1
+from generators.adversarial import check_kind, d_loss, discriminate, frozen, g_loss, gradient_penalty, rand
+from generators.translators.common import clean_labels, step_optimizer, translation_grid
+from generators.translators.losses import domain_loss, l1
 from generators.translators.nets import PatchDiscriminator, ResidualGenerator, UNetGenerator, check_bottleneck
 
 
@@ -60,8 +61,8 @@ def cycle_loss(x: Tensor, regenerated: Tensor) -> Tensor:
 
 def removal_targets(c_x: Tensor, *, generator: torch.Generator) -> Tensor:
     """Random superset of each image's findings: absent findings join with probability ``u_i ~ U(0, 1)``."""
-    u = rand((c_x.shape[0], 1), generator=generator, like=c_x)
-    extra = (rand(tuple(c_x.shape), generator=generator, like=c_x) < u).to(c_x.dtype)
+    u = rand((c_x.shape[0], 1), generator=generator, device=c_x.device, dtype=c_x.dtype)
+    extra = (rand(tuple(c_x.shape), generator=generator, device=c_x.device, dtype=c_x.dtype) < u).to(c_x.dtype)
     return torch.maximum(c_x, extra)
 
 
@@ -109,7 +110,8 @@ class TagGAN(nn.Module):
         n_res: generator bottleneck residual blocks.
         d_layers: discriminator down-samplings (default ``log2(image_size) - 2``, at most 6).
         skips: U-Net skips in the generators.
-        adv: adversarial kind (``"lsgan"`` default, ``"bce"``, ``"wgan"``).
+        adv: adversarial kind (``generators.adversarial``: ``"lsgan"`` default, ``"bce"``, ``"wgan"``,
+            ``"hinge"``).
         lambda_adv_normal: weight of the ``D_Normal`` adversarial term.
         lambda_adv_abnormal: weight of the ``D_Abnormal`` adversarial term.
         lambda_domain: weight of ``D_Abnormal``'s domain classification (real inputs for D, the
@@ -122,6 +124,10 @@ class TagGAN(nn.Module):
         lr_d: discriminators' Adam learning rate.
         betas: Adam betas.
     """
+
+    kind = "translator"
+    conditional = True  # translate(x, target) takes the target classes
+    adds_no_finding = False
 
     def __init__(
         self,
@@ -153,7 +159,7 @@ class TagGAN(nn.Module):
         if normal_bank < 0:
             raise ValueError(f"normal_bank must be >= 0, got {normal_bank}")
         check_bottleneck(image_size, n_down)
-        d_adv_loss(torch.zeros(1), [torch.zeros(1)], adv)  # validates ``adv`` early
+        adv = check_kind(adv)
         self.classes = list(classes)
         self.image_size = image_size
         self.adv = adv
@@ -228,24 +234,28 @@ class TagGAN(nn.Module):
         loss = x.new_zeros(())
         logs: dict[str, float] = {}
         if normals.shape[0] > 0:
-            adv_n = d_adv_loss(self.D_normal(normals)[0], [self.D_normal(y)[0]], self.adv)
+            adv_n = d_loss(
+                self.adv, discriminate(self.D_normal, normals)[0], [discriminate(self.D_normal, y)[0]], upcast=False
+            )
             loss = loss + adv_n
             logs["d_normal"] = adv_n.item()
             if self.lambda_gp > 0:
                 k = min(normals.shape[0], y.shape[0])
-                gp = gradient_penalty(lambda z: self.D_normal(z)[0], normals[:k], y[:k], generator=generator)
+                gp = gradient_penalty(
+                    lambda z: discriminate(self.D_normal, z)[0], normals[:k], y[:k], generator=generator
+                )
                 loss = loss + self.lambda_gp * gp
                 logs["d_normal_gp"] = gp.item()
         if x_rec is not None:
             x_rec = x_rec.detach()
-            real_adv, real_cls = self.D_abnormal(x)
-            adv_a = d_adv_loss(real_adv, [self.D_abnormal(x_rec)[0]], self.adv)
+            real_adv, real_cls = discriminate(self.D_abnormal, x)
+            adv_a = d_loss(self.adv, real_adv, [discriminate(self.D_abnormal, x_rec)[0]], upcast=False)
             dom = domain_loss(real_cls, c_x)
             loss = loss + adv_a + self.lambda_domain * dom
             logs["d_abnormal"] = adv_a.item()
             logs["d_domain"] = dom.item()
             if self.lambda_gp > 0:
-                gp = gradient_penalty(lambda z: self.D_abnormal(z)[0], x, x_rec, generator=generator)
+                gp = gradient_penalty(lambda z: discriminate(self.D_abnormal, z)[0], x, x_rec, generator=generator)
                 loss = loss + self.lambda_gp * gp
                 logs["d_abnormal_gp"] = gp.item()
         logs["d_loss"] = loss.item()
@@ -255,10 +265,10 @@ class TagGAN(nn.Module):
         """Unweighted Eq. 5 terms for inputs ``x`` with labels ``c_x`` and removal sets ``c``:
         ``g_adv_normal`` and, with the backward cycle, ``g_adv_abnormal``, ``g_domain``, ``g_cyc``."""
         _, y, x_rec = self.forward_cycle(x, c, c_x)
-        terms = {"g_adv_normal": g_adv_loss(self.D_normal(y)[0], self.adv)}
+        terms = {"g_adv_normal": g_loss(self.adv, discriminate(self.D_normal, y)[0], upcast=False)}
         if x_rec is not None:
-            adv, cls = self.D_abnormal(x_rec)
-            terms["g_adv_abnormal"] = g_adv_loss(adv, self.adv)
+            adv, cls = discriminate(self.D_abnormal, x_rec)
+            terms["g_adv_abnormal"] = g_loss(self.adv, adv, upcast=False)
             terms["g_domain"] = domain_loss(cls, c_x)
             terms["g_cyc"] = cycle_loss(x, x_rec)
         return terms

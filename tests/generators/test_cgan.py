@@ -26,10 +26,11 @@ def _params(m: torch.nn.Module) -> list[torch.Tensor]:
         {"loss": "bce"},
         {"loss": "hinge"},
         {"loss": "wgan-gp"},
+        {"loss": "lsgan"},
         {"loss": "hinge", "spectral_norm": True},
         {"loss": "bce", "d_conditioning": "concat"},
     ],
-    ids=["bce", "hinge", "wgan-gp", "hinge-sn", "bce-concat"],
+    ids=["bce", "hinge", "wgan-gp", "lsgan", "hinge-sn", "bce-concat"],
 )
 def test_one_training_step(kw: dict) -> None:
     torch.manual_seed(0)
@@ -48,8 +49,20 @@ def test_one_training_step(kw: dict) -> None:
 
 
 def test_unknown_loss_lists_choices() -> None:
-    with pytest.raises(ValueError, match=r"lsgan.*bce, hinge, wgan-gp"):
-        tiny_cgan(loss="lsgan")
+    with pytest.raises(ValueError, match=r"'lsgn'.*bce, hinge, lsgan, wgan, wgan-gp"):
+        tiny_cgan(loss="lsgn")
+
+
+def test_wgan_is_another_spelling_of_wgan_gp() -> None:
+    states = []
+    for loss in ("wgan-gp", "wgan"):
+        torch.manual_seed(0)
+        m = tiny_cgan(loss=loss)
+        g = torch.Generator().manual_seed(0)
+        out = m.training_step(tiny_batch(), m.configure_optimizers(), step=0, generator=g)
+        assert "gp" in out
+        states.append(m.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 def test_wgan_gp_discriminator_has_no_batch_norm() -> None:

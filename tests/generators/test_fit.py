@@ -13,16 +13,18 @@ from torch import nn
 
 from generators.cgan import CGAN
 from generators.checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
+from cxrbase import balanced_weights, collate, write_png
 from generators.train import (
+    CheckpointConfig,
+    HookBase,
+    LogConfig,
+    LoopConfig,
     StepBatchSampler,
-    balanced_weights,
-    collate,
+    TrainState,
     derive_seed,
     fit,
     image_grid,
-    resolve_device,
     to_batch,
-    write_png,
 )
 from generators.ucgan import UCGAN
 
@@ -63,8 +65,8 @@ def test_balanced_sampling_draws_rare_classes_more() -> None:
     labels[:5, 0] = 1  # rare
     labels[5:, 1] = 1
     labels[7, 0] = math.nan
-    w = balanced_weights(labels)
-    assert w[0].item() == pytest.approx(1 / 5) and w[50].item() == pytest.approx(1 / 95)
+    w = balanced_weights(labels.numpy())  # the sampler takes numpy or torch weights
+    assert w[0] == pytest.approx(1 / 5) and w[50] == pytest.approx(1 / 95)
     plain = StepBatchSampler(100, 10, seed=0, stop_step=50)
     bal = StepBatchSampler(100, 10, seed=0, stop_step=50, weights=w)
     rare = lambda s: sum(i < 5 for b in s for i in b)  # noqa: E731
@@ -80,30 +82,48 @@ def test_batch_conversion() -> None:
     assert b["y"].tolist() == [[1.0, 0.0], [0.0, 1.0]]
 
 
-def test_seeds_and_devices() -> None:
+def test_seeds() -> None:
     assert derive_seed(0, 1, 2) == derive_seed(0, 1, 2) != derive_seed(0, 1, 3)
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_configs_refuse_bad_values() -> None:
+    with pytest.raises(ValueError, match="batch_size and max_steps"):
+        LoopConfig(batch_size=0, max_steps=1)
+    with pytest.raises(ValueError, match="batch_size and max_steps"):
+        LoopConfig(batch_size=1, max_steps=0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        LoopConfig(batch_size=1, max_steps=1, ema_decay=1.0)
+    with pytest.raises(ValueError, match="every"):
+        CheckpointConfig("x", every=0)
+    with pytest.raises(ValueError, match="every"):
+        LogConfig(every=0)
 
 
 # -- resume ------------------------------------------------------------------------------------------
+
+QUIET = LogConfig(progress=False)
+
+
+def loop(max_steps: int, batch_size: int = 4, **kw) -> LoopConfig:
+    return LoopConfig(batch_size=batch_size, max_steps=max_steps, **kw)
 
 
 @pytest.mark.parametrize("family", ["cgan", "ucgan"])
 def test_resume_gives_identical_weights(tmp_path: Path, family: str) -> None:
     make = tiny_cgan if family == "cgan" else tiny_ucgan
-    kw = dict(batch_size=4, seed=3, ema_decay=0.9, balanced=True, progress=False, ckpt_every=1000, log_every=1)
+    kw = dict(seed=3, ema_decay=0.9, balanced=True)
+    logs = LogConfig(every=1, progress=False)
     data = FakeXrays()
 
     straight = make(seed=0)
-    fit(straight, data, max_steps=4, ckpt_dir=tmp_path / "a", **kw)
+    fit(straight, data, loop(4, **kw), checkpoint=CheckpointConfig(tmp_path / "a", every=1000), logs=logs)
 
     first = make(seed=0)
-    fit(first, data, max_steps=2, ckpt_dir=tmp_path / "b", **kw)
+    fit(first, data, loop(2, **kw), checkpoint=CheckpointConfig(tmp_path / "b", every=1000), logs=logs)
     half = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
     assert half["step"] == 2 and half["done"] is True
     resumed = make(seed=123)  # other initial weights: everything must come from the checkpoint
-    fit(resumed, data, max_steps=4, ckpt_dir=tmp_path / "b", **kw)
+    fit(resumed, data, loop(4, **kw), checkpoint=CheckpointConfig(tmp_path / "b", every=1000), logs=logs)
 
     assert _state_equal(straight.state_dict(), resumed.state_dict())
     a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
@@ -117,11 +137,13 @@ def test_resume_gives_identical_weights(tmp_path: Path, family: str) -> None:
 
 def test_finished_checkpoint_is_not_trained_again(tmp_path: Path, dataset: FakeXrays) -> None:
     m = tiny_cgan()
-    out = fit(m, dataset, batch_size=4, max_steps=2, ckpt_dir=tmp_path, progress=False)
+    out = fit(m, dataset, loop(2), checkpoint=CheckpointConfig(tmp_path), logs=QUIET)
+    written = (tmp_path / "checkpoint.pt").read_bytes()
     again = tiny_cgan(seed=9)
-    out2 = fit(again, dataset, batch_size=4, max_steps=2, ckpt_dir=tmp_path, progress=False)
+    out2 = fit(again, dataset, loop(2), checkpoint=CheckpointConfig(tmp_path), logs=QUIET)
     assert out2 == out
     assert _state_equal(m.state_dict(), again.state_dict())
+    assert (tmp_path / "checkpoint.pt").read_bytes() == written  # not rewritten
 
 
 # -- checkpoint contents -----------------------------------------------------------------------------
@@ -130,7 +152,7 @@ def test_finished_checkpoint_is_not_trained_again(tmp_path: Path, dataset: FakeX
 def test_checkpoint_contents_load_weights_only(tmp_path: Path, dataset: FakeXrays) -> None:
     m = tiny_cgan()
     meta = {"model_cfg": CGAN_CFG, "data_fingerprint": "abc123"}
-    fit(m, dataset, batch_size=4, max_steps=3, ckpt_dir=tmp_path, ckpt_meta=meta, progress=False)
+    fit(m, dataset, loop(3), checkpoint=CheckpointConfig(tmp_path, meta=meta), logs=QUIET)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["model_cfg"] == CGAN_CFG and ckpt["data_fingerprint"] == "abc123"
     assert ckpt["classes"] == CLASSES and ckpt["image_size"] == 32
@@ -140,6 +162,10 @@ def test_checkpoint_contents_load_weights_only(tmp_path: Path, dataset: FakeXray
     assert {"python", "torch"} <= set(ckpt["versions"])
     assert ckpt["system_class"] == "generators.cgan.CGAN"
     assert set(ckpt["metrics"]) >= {"loss_d", "loss_g"}
+    assert ckpt["fit"] == {"seed": 0, "batch_size": 4, "max_steps": 3, "balanced": False, "ema_decay": None,
+                           "amp": False}
+    assert set(ckpt) == {"model_cfg", "data_fingerprint", "classes", "image_size", "system_class", "state_dict",
+                         "ema_state_dict", "optimizer_states", "step", "done", "metrics", "fit", "versions"}
     rebuilt = apply_checkpoint(tiny_cgan(seed=5), ckpt)
     assert _state_equal(rebuilt.state_dict(), m.state_dict())
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
@@ -152,8 +178,8 @@ def test_checkpoint_every_n_steps(tmp_path: Path, dataset: FakeXrays) -> None:
         path = tmp_path / "checkpoint.pt"
         on_disk[step] = load_checkpoint(path)["step"] if path.exists() else 0
 
-    fit(tiny_cgan(), dataset, batch_size=4, max_steps=5, ckpt_dir=tmp_path, ckpt_every=2, progress=False,
-        log_every=1, on_metrics=spy)
+    fit(tiny_cgan(), dataset, loop(5), checkpoint=CheckpointConfig(tmp_path, every=2),
+        logs=LogConfig(every=1, progress=False, on_metrics=spy))
     # metrics are reported before the step's checkpoint is written
     assert on_disk == {1: 0, 2: 0, 3: 2, 4: 2, 5: 4}
     final = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -167,25 +193,25 @@ def test_unsafe_meta_is_refused_before_training(tmp_path: Path, dataset: FakeXra
     m = tiny_cgan()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises(TypeError, match="model_cfg"):
-        fit(m, dataset, batch_size=4, max_steps=1, ckpt_dir=tmp_path, ckpt_meta={"model_cfg": Cfg(a=1)},
-            progress=False)
+        fit(m, dataset, loop(1), checkpoint=CheckpointConfig(tmp_path, meta={"model_cfg": Cfg(a=1)}), logs=QUIET)
     assert _state_equal(before, m.state_dict())
 
 
 def test_other_family_or_classes_refuse_to_resume(tmp_path: Path, dataset: FakeXrays) -> None:
-    fit(tiny_cgan(), dataset, batch_size=4, max_steps=1, ckpt_dir=tmp_path, ckpt_meta={"model_cfg": CGAN_CFG},
-        progress=False)
+    def ckpt(**kw) -> CheckpointConfig:
+        return CheckpointConfig(tmp_path, **kw)
+
+    fit(tiny_cgan(), dataset, loop(1), checkpoint=ckpt(meta={"model_cfg": CGAN_CFG}), logs=QUIET)
     other_cfg = {"_target_": "generators.ucgan.UCGAN"}
     with pytest.raises(ValueError, match=r"generators\.cgan\.CGAN.*generators\.ucgan\.UCGAN"):
-        fit(tiny_cgan(), dataset, batch_size=4, max_steps=2, ckpt_dir=tmp_path, ckpt_meta={"model_cfg": other_cfg},
-            progress=False)
+        fit(tiny_cgan(), dataset, loop(2), checkpoint=ckpt(meta={"model_cfg": other_cfg}), logs=QUIET)
     with pytest.raises(ValueError, match=r"CGAN.*UCGAN"):  # no meta: the system's class decides
-        fit(tiny_ucgan(), dataset, batch_size=4, max_steps=2, ckpt_dir=tmp_path, progress=False)
+        fit(tiny_ucgan(), dataset, loop(2), checkpoint=ckpt(), logs=QUIET)
     other = ["Edema", "Pneumonia", "No Finding"]
     with pytest.raises(ValueError, match=r"'Hernia'.*'Pneumonia'"):
-        fit(tiny_cgan(classes=other), dataset, batch_size=4, max_steps=2, ckpt_dir=tmp_path, progress=False)
+        fit(tiny_cgan(classes=other), dataset, loop(2), checkpoint=ckpt(), logs=QUIET)
     # resume=False starts over in the same folder
-    fit(tiny_ucgan(), dataset, batch_size=4, max_steps=1, ckpt_dir=tmp_path, resume=False, progress=False)
+    fit(tiny_ucgan(), dataset, loop(1), checkpoint=ckpt(resume=False), logs=QUIET)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["system_class"] == "generators.ucgan.UCGAN"
 
 
@@ -207,9 +233,9 @@ def test_missing_corrupt_and_unsafe_checkpoints(tmp_path: Path) -> None:
 
 def test_data_that_does_not_fit_the_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="64 x 64.*32 px"):
-        fit(tiny_cgan(), FakeXrays(size=64), batch_size=2, max_steps=1, progress=False)
+        fit(tiny_cgan(), FakeXrays(size=64), loop(1, batch_size=2), logs=QUIET)
     with pytest.raises(ValueError, match="2 label columns"):
-        fit(tiny_cgan(), FakeXrays(classes=["a", "b"]), batch_size=2, max_steps=1, progress=False)
+        fit(tiny_cgan(), FakeXrays(classes=["a", "b"]), loop(1, batch_size=2), logs=QUIET)
 
 
 # -- EMA, metrics, samples ---------------------------------------------------------------------------
@@ -218,7 +244,7 @@ def test_data_that_does_not_fit_the_model_is_refused(tmp_path: Path) -> None:
 def test_ema_differs_from_raw_generator(tmp_path: Path, dataset: FakeXrays) -> None:
     m = tiny_cgan()
     init = {k: v.clone() for k, v in m.G.state_dict().items()}
-    fit(m, dataset, batch_size=4, max_steps=3, ckpt_dir=tmp_path, ema_decay=0.5, progress=False)
+    fit(m, dataset, loop(3, ema_decay=0.5), checkpoint=CheckpointConfig(tmp_path), logs=QUIET)
     ema = load_checkpoint(tmp_path / "checkpoint.pt")["ema_state_dict"]
     raw = m.G.state_dict()
     weights = [k for k in raw if k.endswith("weight")]
@@ -231,8 +257,8 @@ def test_ema_differs_from_raw_generator(tmp_path: Path, dataset: FakeXrays) -> N
 
 def test_on_metrics_and_jsonl(tmp_path: Path, dataset: FakeXrays) -> None:
     calls: list[tuple[int, dict]] = []
-    out = fit(tiny_cgan(), dataset, batch_size=4, max_steps=5, log_every=2, log_path=tmp_path / "m.jsonl",
-              on_metrics=lambda s, m: calls.append((s, m)), progress=False)
+    logs = LogConfig(every=2, path=tmp_path / "m.jsonl", on_metrics=lambda s, m: calls.append((s, m)), progress=False)
+    out = fit(tiny_cgan(), dataset, loop(5), logs=logs)
     assert [s for s, _ in calls] == [2, 4, 5]
     assert calls[-1][1] == out and all(math.isfinite(v) for v in out.values())
     lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
@@ -242,22 +268,25 @@ def test_on_metrics_and_jsonl(tmp_path: Path, dataset: FakeXrays) -> None:
 
 def test_sample_grids_are_written(tmp_path: Path, dataset: FakeXrays) -> None:
     pil = pytest.importorskip("PIL.Image")
-    fit(tiny_cgan(), dataset, batch_size=4, max_steps=2, ckpt_dir=tmp_path, sample_every=1, ema_decay=0.9,
-        progress=False)
+    fit(tiny_cgan(), dataset, loop(2, ema_decay=0.9), checkpoint=CheckpointConfig(tmp_path),
+        logs=LogConfig(sample_every=1, progress=False))
     pngs = sorted((tmp_path / "samples").glob("*.png"))
     assert [p.name for p in pngs] == ["step_0000001.png", "step_0000002.png"]
     img = pil.open(pngs[-1])
     # 3 classes x 8 samples of 32 px with 2 px padding
     assert img.mode == "L" and img.size == (8 * 34 + 2, 3 * 34 + 2)
+    assert not list((tmp_path / "samples").glob(".*"))  # written atomically: no temporary left
 
 
-def test_png_writer_round_trip(tmp_path: Path) -> None:
+def test_image_grid_layout_and_png_round_trip(tmp_path: Path) -> None:
     pil = pytest.importorskip("PIL.Image")
     import numpy as np
 
     x = torch.linspace(-1, 1, 2 * 3 * 5).reshape(2, 1, 3, 5)
     grid = image_grid(x, nrow=2, pad=1)
-    assert grid.shape == (1 + 4, 1 + 12)
+    assert grid.shape == (1 + 4, 1 + 12) and grid.dtype == np.uint8
+    assert grid[0, 0] == 128  # padding is mid-grey (0 in [-1, 1])
+    assert grid[1, 1] == 0 and grid[1 + 2, 1 + 5 + 1 + 4] == 255  # first and last pixels: -1 and 1
     write_png(tmp_path / "g.png", grid)
     assert np.array_equal(np.asarray(pil.open(tmp_path / "g.png")), grid)
 
@@ -274,6 +303,8 @@ class ToySystem(nn.Module):
         return {"g": torch.optim.SGD(self.G.parameters(), lr=0.1)}
 
     def training_step(self, batch, opts, *, step, generator) -> dict[str, float]:
+        if step == getattr(self, "fail_at", -1):
+            raise RuntimeError("boom")
         target = batch["x"].mean()
         loss = (self.G(torch.ones(1, 1)).squeeze() - target) ** 2
         opts["g"].zero_grad()
@@ -288,20 +319,59 @@ class ToySystem(nn.Module):
 
 def test_fit_drives_any_system_and_translator_grids(tmp_path: Path, dataset: FakeXrays) -> None:
     m = ToySystem()
-    out = fit(m, dataset, batch_size=2, max_steps=3, ckpt_dir=tmp_path, sample_every=3, log_every=1,
-              progress=False)
+    out = fit(m, dataset, loop(3, batch_size=2), checkpoint=CheckpointConfig(tmp_path),
+              logs=LogConfig(every=1, sample_every=3, progress=False))
     assert m.grids == 1 and (tmp_path / "samples" / "step_0000003.png").exists()
     assert set(out) == {"loss", "noise"}
     # the per-step generator is seeded from (seed, step): the same run gives the same draws
-    again = fit(ToySystem(), dataset, batch_size=2, max_steps=3, progress=False, log_every=1)
+    again = fit(ToySystem(), dataset, loop(3, batch_size=2), logs=LogConfig(every=1, progress=False))
     assert again["noise"] == out["noise"]
+
+
+class Recorder(HookBase):
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def before_train(self, state: TrainState) -> None:
+        self.calls.append(("before_train", state.step))
+
+    def after_step(self, state: TrainState) -> None:
+        self.calls.append(("after_step", state.step, state.logged, sorted(state.outputs)))
+
+    def after_train(self, state: TrainState) -> None:
+        self.calls.append(("after_train", state.step, state.completed))
+
+
+def test_extra_hooks_see_every_step_after_the_built_in_ones(tmp_path: Path, dataset: FakeXrays) -> None:
+    rec = Recorder()
+    fit(ToySystem(), dataset, loop(2, batch_size=2), checkpoint=CheckpointConfig(tmp_path / "a"),
+        logs=LogConfig(every=2, progress=False), hooks=[rec])
+    out = ["loss", "noise"]
+    assert rec.calls == [("before_train", 0), ("after_step", 1, False, out), ("after_step", 2, True, out),
+                         ("after_train", 2, True)]
+    # a resumed run starts the hooks at its checkpoint's step
+    rec = Recorder()
+    fit(ToySystem(), dataset, loop(3, batch_size=2), checkpoint=CheckpointConfig(tmp_path / "a"),
+        logs=LogConfig(every=2, progress=False), hooks=[rec])
+    assert rec.calls == [("before_train", 2), ("after_step", 3, True, out), ("after_train", 3, True)]
+
+
+def test_a_failing_step_closes_the_hooks_but_writes_no_final_checkpoint(tmp_path: Path, dataset: FakeXrays) -> None:
+    m, rec = ToySystem(), Recorder()
+    m.fail_at = 2
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(m, dataset, loop(4, batch_size=2), checkpoint=CheckpointConfig(tmp_path, every=1),
+            logs=LogConfig(every=1, progress=False), hooks=[rec])
+    assert rec.calls[-1] == ("after_train", 2, False)
+    # the periodic checkpoint of step 2 is there; no checkpoint claims a step that did not finish
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
 
 
 def test_fit_leaves_the_global_rng_alone(tmp_path: Path, dataset: FakeXrays) -> None:
     m = tiny_ucgan()
     state = torch.get_rng_state()
-    fit(m, dataset, batch_size=4, max_steps=2, ckpt_dir=tmp_path, balanced=True, ema_decay=0.9, sample_every=2,
-        progress=False)
+    fit(m, dataset, loop(2, balanced=True, ema_decay=0.9), checkpoint=CheckpointConfig(tmp_path),
+        logs=LogConfig(sample_every=2, progress=False))
     assert torch.equal(state, torch.get_rng_state())
 
 
@@ -313,7 +383,7 @@ def test_ema_warms_up_so_a_short_run_does_not_sample_its_initial_weights(tmp_pat
     assert all(ema_decay_at(0.999, n) <= ema_decay_at(0.999, n + 1) for n in range(2000))
     m = tiny_cgan(seed=0)
     init = {k: v.clone() for k, v in m.G.state_dict().items()}
-    fit(m, FakeXrays(), batch_size=4, max_steps=12, ckpt_dir=tmp_path, ema_decay=0.999, progress=False, seed=0)
+    fit(m, FakeXrays(), loop(12, ema_decay=0.999, seed=0), checkpoint=CheckpointConfig(tmp_path), logs=QUIET)
     ema = load_checkpoint(tmp_path / "checkpoint.pt")["ema_state_dict"]
     raw = m.G.state_dict()
     keys = [k for k, v in raw.items() if v.is_floating_point() and "running" not in k]
