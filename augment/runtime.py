@@ -19,6 +19,8 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from augment.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -40,25 +42,29 @@ class Worker:
         return os.getpid()
 
 
-def _get(cfg: Mapping[str, Any] | None, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    value = cfg.get(key, default)
-    return default if value is None else value
+# Every setting is read as ``runtime[key]``: the defaults live in configs/runtime/*.yaml only, so a
+# node that lacks a key fails loudly (KeyError) instead of silently running with a value from here.
 
 
-def gpus_per_worker(runtime: Mapping[str, Any] | None) -> float:
+def _num_cpus(runtime: Mapping[str, Any]) -> int:
+    """``runtime.num_cpus``; null means every CPU of this machine."""
+    n = runtime["num_cpus"]
+    return int(os.cpu_count() or 1) if n is None else int(n)
+
+
+def gpus_per_worker(runtime: Mapping[str, Any]) -> float:
     """GPUs each actor asks for: ``runtime.gpus_per_worker`` when CUDA is present, else 0."""
     import torch
 
-    return float(_get(runtime, "gpus_per_worker", 1.0)) if torch.cuda.is_available() else 0.0
+    want = float(runtime["gpus_per_worker"])  # read first: a missing key fails on CPU machines too
+    return want if torch.cuda.is_available() else 0.0
 
 
-def is_inline(runtime: Mapping[str, Any] | None) -> bool:
-    return _get(runtime, "name", "local") == "inline"
+def is_inline(runtime: Mapping[str, Any]) -> bool:
+    return runtime["name"] == "inline"
 
 
-def resources(runtime: Mapping[str, Any] | None) -> dict[str, float]:
+def resources(runtime: Mapping[str, Any]) -> dict[str, float]:
     """CPUs and GPUs the runtime can give to workers: ``{"CPU": n, "GPU": g}``.
 
     ``inline`` and ``local``: this machine (``runtime.num_cpus`` or ``os.cpu_count()``, CUDA devices);
@@ -67,8 +73,8 @@ def resources(runtime: Mapping[str, Any] | None) -> dict[str, float]:
     import torch
 
     gpus = float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
-    if is_inline(runtime) or _get(runtime, "name", "local") != "cluster":
-        return {"CPU": float(_get(runtime, "num_cpus", os.cpu_count() or 1)), "GPU": gpus}
+    if is_inline(runtime) or runtime["name"] != "cluster":
+        return {"CPU": float(_num_cpus(runtime)), "GPU": gpus}
     import ray
 
     init(runtime)
@@ -76,21 +82,21 @@ def resources(runtime: Mapping[str, Any] | None) -> dict[str, float]:
     return {"CPU": float(total.get("CPU", 0.0)), "GPU": float(total.get("GPU", 0.0))}
 
 
-def init(runtime: Mapping[str, Any] | None) -> None:
+def init(runtime: Mapping[str, Any]) -> None:
     """Start or connect to Ray for ``runtime=local|cluster`` (no-op for inline or when running)."""
     if is_inline(runtime):
         return
     import ray
 
-    from augment.errors import UserError
-
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "logging_level": logging.WARNING}
-    if _get(runtime, "name") == "cluster":
-        kwargs["address"] = _get(runtime, "address", "auto")
+    if runtime["name"] == "cluster":
+        if not runtime["address"]:
+            raise UserError("runtime=cluster needs runtime.address: auto (on a cluster node) or ray://host:10001")
+        kwargs["address"] = runtime["address"]
     else:
-        kwargs["num_cpus"] = int(_get(runtime, "num_cpus", os.cpu_count() or 1))
+        kwargs["num_cpus"] = _num_cpus(runtime)
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -107,20 +113,20 @@ def shutdown() -> None:
         ray.shutdown()
 
 
-def actor_class(runtime: Mapping[str, Any] | None, *, num_gpus: float | None = None) -> Any:
+def actor_class(runtime: Mapping[str, Any], *, num_gpus: float | None = None) -> Any:
     """``Worker`` as a Ray actor class with the runtime's GPU, CPU and restart settings."""
     import ray
 
-    restarts = int(_get(runtime, "max_restarts", 2))
+    restarts = int(runtime["max_restarts"])
     return ray.remote(
         num_gpus=gpus_per_worker(runtime) if num_gpus is None else num_gpus,
-        num_cpus=float(_get(runtime, "cpus_per_worker", 0.5)),
+        num_cpus=float(runtime["cpus_per_worker"]),
         max_restarts=restarts,
         max_task_retries=restarts,
     )(Worker)
 
 
-def run_all(target: str, payloads: Sequence[dict], runtime: Mapping[str, Any] | None, *,
+def run_all(target: str, payloads: Sequence[dict], runtime: Mapping[str, Any], *,
             on_result: Callable[[int, Any], None] | None = None,
             poll: Callable[[], None] | None = None, poll_s: float = 2.0) -> list[Any]:
     """Run ``target(payload)`` for every payload, in parallel actors (or inline), in order.
@@ -198,7 +204,7 @@ class StatefulPool:
     results as they complete (unordered).
     """
 
-    def __init__(self, target: str, payload: dict, workers: int, runtime: Mapping[str, Any] | None) -> None:
+    def __init__(self, target: str, payload: dict, workers: int, runtime: Mapping[str, Any]) -> None:
         self.inline = is_inline(runtime)
         if self.inline:
             self.local = Stateful(target, payload)
@@ -207,9 +213,9 @@ class StatefulPool:
         from ray.util import ActorPool
 
         init(runtime)
-        cls = ray.remote(num_gpus=gpus_per_worker(runtime), num_cpus=float(_get(runtime, "cpus_per_worker", 0.5)),
-                         max_restarts=int(_get(runtime, "max_restarts", 2)),
-                         max_task_retries=int(_get(runtime, "max_restarts", 2)))(Stateful)
+        cls = ray.remote(num_gpus=gpus_per_worker(runtime), num_cpus=float(runtime["cpus_per_worker"]),
+                         max_restarts=int(runtime["max_restarts"]),
+                         max_task_retries=int(runtime["max_restarts"]))(Stateful)
         ref = ray.put(payload)
         self.actors = [cls.remote(target, ref) for _ in range(workers)]
         self.pool = ActorPool(self.actors)

@@ -40,7 +40,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "metrics"))  # the stand-in weights writer the FID tests use
 
 from augment.metrics.fid import (  # noqa: E402
     FID_WEIGHTS_FILE,
@@ -49,8 +51,8 @@ from augment.metrics.fid import (  # noqa: E402
     RealStatsCache,
     features,
     fid_folders,
-    random_fid_inception_weights,
 )
+from fid_weights import random_fid_inception_weights  # noqa: E402
 
 
 def make_random_folder(folder: Path, n: int, size: int, seed: int, brightness: float) -> None:

@@ -9,6 +9,7 @@ the same :class:`~augment.data.table.DataTable`, whose torch view is
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from augment.data import cache
+from augment.data import cache, phantom
 from augment.data.labels import FINDINGS, NO_FINDING, VOCABULARY, UnknownClassError, canonical, multi_hot
 from augment.data.splits import split_by_patient
 from augment.data.table import DataTable, fingerprint
@@ -47,13 +48,13 @@ class Rows:
     arrays: np.ndarray | None = None       # pre-decoded images (medmnist), N x h x w uint8
 
 
-def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    value = cfg.get(key, default) if hasattr(cfg, "get") else default
-    return default if value is None else value
+# Every setting is read as ``cfg[key]``: the defaults live in configs/data/<source>.yaml only, so a
+# data node that lacks a key fails loudly (KeyError) instead of silently using a value from here.
+# Build a node by hand as ``{**to_dict(compose(["data=<source>"]).data), ...}``.
 
 
 def _require_root(cfg: Mapping[str, Any], name: str) -> Path:
-    root = cfg.get("root")
+    root = cfg["root"]
     if not root:
         raise UserError(f"data={name} needs a folder: add data.root=/path/to/{name}")
     path = Path(str(root)).expanduser().resolve()
@@ -104,15 +105,15 @@ def list_folder(cfg: Mapping[str, Any]) -> Rows:
     optional ``patient_id``, split column, ``mask`` column (our synthetic output) and a
     ``masks.csv`` (``file, mask_file, structure``) for anatomy masks."""
     root = _require_root(cfg, "folder")
-    csv_name = _get(cfg, "labels_csv", "labels.csv")
+    csv_name = str(cfg["labels_csv"])
     df = _read_csv(root / csv_name, ["file"], "the folder source needs a labels.csv with columns file and labels")
     label_col = "labels" if "labels" in df.columns else ("Finding Labels" if "Finding Labels" in df.columns else None)
     if label_col is None:
         raise UserError(f"{root / csv_name} lacks a labels column: add 'labels' (names joined by |)")
-    include = list(_get(cfg, "include", []) or [])
+    include = list(cfg["include"] or [])
     if include:
         df = df[df["file"].map(lambda f: any(str(f).startswith(p) for p in include))]
-    replace = dict(_get(cfg, "path_replace", {}) or {})
+    replace = dict(cfg["path_replace"] or {})
     files = []
     for f in df["file"]:
         for a, b in replace.items():
@@ -120,15 +121,16 @@ def list_folder(cfg: Mapping[str, Any]) -> Rows:
                 f = b + str(f)[len(a):]
         _inside(root, f)
         files.append(str(f))
+    drop_unlabelled = bool(cfg["drop_unlabelled"])
     labels, keep = [], []
     for cell in df[label_col]:
         names, labelled = _parse_label_cell(cell)
         labels.append(multi_hot(names, labelled=labelled))
-        keep.append(labelled or not _get(cfg, "drop_unlabelled", True))
+        keep.append(labelled or not drop_unlabelled)
     keep_arr = np.asarray(keep, dtype=bool)
     pid_col = "patient_id" if "patient_id" in df.columns else None
     pids = [p if p else f"file:{f}" for p, f in zip(df[pid_col] if pid_col else [""] * len(df), files)]
-    split_col = _get(cfg, "split_column", None)
+    split_col = cfg["split_column"]
     if split_col and split_col not in df.columns:
         raise UserError(f"data.split_column '{split_col}' is not a column of {csv_name}: use one of {', '.join(df.columns)}")
     official = [str(s) for s in df[split_col]] if split_col else [""] * len(df)
@@ -140,7 +142,7 @@ def list_folder(cfg: Mapping[str, Any]) -> Rows:
                 _inside(root, m)
                 lesions.setdefault(finding, [None] * len(df))[i] = m
     anatomy: dict[str, list[str | None]] = {}
-    masks_csv = root / _get(cfg, "masks_csv", "masks.csv")
+    masks_csv = root / str(cfg["masks_csv"])
     if masks_csv.is_file():
         mdf = _read_csv(masks_csv, ["file", "mask_file", "structure"], "masks.csv needs file, mask_file, structure")
         index = {f: i for i, f in enumerate(df["file"])}
@@ -178,7 +180,7 @@ def list_nih(cfg: Mapping[str, Any]) -> Rows:
     entry = _find_one(root, ["Data_Entry_2017*.csv", "Data_Entry_2017*.csv.gz", "*/Data_Entry_2017*.csv*"],
                       "Data_Entry_2017*.csv", "point data.root at the ChestX-ray14 download")
     df = _read_csv(entry, ["Image Index", "Finding Labels", "Patient ID"], "this is not a ChestX-ray14 Data_Entry file")
-    dirs = [Path(str(d)).expanduser() for d in (_get(cfg, "image_dirs", []) or [])]
+    dirs = [Path(str(d)).expanduser() for d in (cfg["image_dirs"] or [])]
     dirs = [d if d.is_absolute() else (root / d) for d in dirs]
     dirs += [root, root / "images", *sorted(Path(p) for p in glob.glob(str(root / "images_*" / "images")))]
     located: dict[str, Path] = {}
@@ -234,7 +236,7 @@ def list_chexpert(cfg: Mapping[str, Any]) -> Rows:
     ``ones``, ``zeros`` or ``nan``. Findings CheXpert does not label are NaN. ``valid.csv`` is
     the test split; train is divided into train/val by patient."""
     root = _require_root(cfg, "chexpert")
-    policy = str(_get(cfg, "uncertain", "zeros"))
+    policy = str(cfg["uncertain"])
     if policy not in {"ones", "zeros", "nan"}:
         raise UserError(f"data.uncertain={policy} is not a policy: use ones, zeros or nan")
     unc = {"ones": 1.0, "zeros": 0.0, "nan": np.nan}[policy]
@@ -270,9 +272,9 @@ def list_medmnist(cfg: Mapping[str, Any]) -> Rows:
     """MedMNIST ``chestmnist*.npz`` (14 ChestX-ray14 labels) or ``pneumoniamnist*.npz`` (normal vs
     pneumonia), official train/val/test splits. Without patient ids each image is its own patient."""
     root = _require_root(cfg, "medmnist")
-    flavour = str(_get(cfg, "flavour", "chestmnist"))
+    flavour = str(cfg["flavour"])
     hits = sorted(root.glob(f"{flavour}*.npz"))
-    size = int(_get(cfg, "image_size", 64))
+    size = int(cfg["image_size"])
     exact = [h for h in hits if h.stem.endswith(f"_{size}")]
     if not hits:
         raise UserError(f"no {flavour}*.npz under {root}: download MedMNIST's {flavour} file there")
@@ -334,7 +336,7 @@ def decode_mask(path: Path, size: int) -> np.ndarray:
         return (_resize_square(img.convert("L"), size, resample_mask=True) > 127).astype(np.uint8)
 
 
-def _decode_rows(rows: Rows, size: int, on_error: str, show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def _decode_rows(rows: Rows, size: int, on_error: str | None, show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """Decode every image (threads); returns images and a keep mask (False where unreadable)."""
     n = len(rows.files)
     out = np.zeros((n, size, size), dtype=np.uint8)
@@ -374,7 +376,7 @@ def _file_key(rows: Rows) -> list:
     return key
 
 
-def _build_from_rows(name: str, rows: Rows, size: int, on_error: str, show_progress: bool, fp: str) -> DataTable:
+def _build_from_rows(name: str, rows: Rows, size: int, on_error: str | None, show_progress: bool, fp: str) -> DataTable:
     images, ok = _decode_rows(rows, size, on_error, show_progress)
     sel = np.flatnonzero(ok)
 
@@ -405,15 +407,13 @@ def _build_from_rows(name: str, rows: Rows, size: int, on_error: str, show_progr
 
 
 def _build_phantom(cfg: Mapping[str, Any], size: int, fp: str, show_progress: bool) -> DataTable:
-    from augment.data import phantom
-
-    prevalence = {canonical(k): float(v) for k, v in dict(_get(cfg, "prevalence", {}) or {}).items()} or None
-    n = int(_get(cfg, "n", 2000))
+    prevalence = {canonical(k): float(v) for k, v in dict(cfg["prevalence"] or {}).items()} or None
+    n = int(cfg["n"])
     if n < 1:
         raise UserError(f"data.n={n}: the phantom needs at least one image (data.n=2000)")
     try:
-        batch = phantom.render_many(n, seed=int(_get(cfg, "seed", 0)), size=size, prevalence=prevalence,
-                                    healthy_fraction=float(_get(cfg, "healthy_fraction", 0.3)), progress=show_progress)
+        batch = phantom.render_many(n, seed=int(cfg["seed"]), size=size, prevalence=prevalence,
+                                    healthy_fraction=float(cfg["healthy_fraction"]), progress=show_progress)
     except ValueError as exc:
         raise UserError(f"bad phantom settings: {exc}") from None
     known = np.ones(n, dtype=bool)
@@ -432,31 +432,32 @@ def load_table(cfg: Mapping[str, Any], *, show_progress: bool = True) -> DataTab
     Args:
         cfg: the ``data`` config node (``name``, ``root``, ``image_size``, ``split``, ...).
     """
-    name = str(_get(cfg, "name", "phantom"))
+    name = str(cfg["name"])
     if name not in SOURCES:
         raise UserError(f"unknown data source '{name}': choose one of {', '.join(SOURCES)} (data=<source>)")
-    size = int(_get(cfg, "image_size", 64))
-    if size < 16 or size > 1024 or size & (size - 1):
+    size = int(cfg["image_size"])
+    if size < 32 or size > 256 or size & (size - 1):
         raise UserError(f"data.image_size={size} is not supported: use a power of two from 32 to 256")
-    on_error = str(_get(cfg, "on_error", "skip"))
-    root = cache.cache_root(cfg.get("cache_dir") if hasattr(cfg, "get") else None)
-    use_cache = bool(_get(cfg, "cache", True))
+    root = cache.cache_root(cfg["cache_dir"])
+    use_cache = bool(cfg["cache"])
     if name == "phantom":
-        params = {k: cfg.get(k) for k in ("n", "seed", "prevalence", "healthy_fraction")}
+        params = {k: cfg[k] for k in ("n", "seed", "prevalence", "healthy_fraction")}
         params["prevalence"] = dict(params["prevalence"] or {})
         fp = fingerprint("phantom", size, params, _phantom_version())
         table = cache.load_or_build(root, f"phantom-{fp}", lambda: _build_phantom(cfg, size, fp, show_progress), enabled=use_cache)
     else:
         rows = LISTERS[name](cfg)
+        # unreadable files: skip or fail (medmnist's arrays are decoded already and have no such key)
+        on_error = None if rows.arrays is not None else str(cfg["on_error"])
         if not rows.files:
             raise UserError(f"data={name} at {rows.root} selected no images: check data.include and the labels")
         fp = fingerprint(name, str(rows.root), size, _file_key(rows), sorted(rows.anatomy), sorted(rows.lesions))
         table = cache.load_or_build(root, f"{name}-{fp}",
                                     lambda: _build_from_rows(name, rows, size, on_error, show_progress, fp), enabled=use_cache)
-    split = dict(_get(cfg, "split", {}) or {})
-    official = table.splits if bool(split.get("official", True)) else None
-    table.splits = split_by_patient(table.patient_ids, val=float(split.get("val", 0.1)),
-                                    test=float(split.get("test", 0.2)), seed=int(split.get("seed", 0)), fixed=official)
+    split = cfg["split"]
+    official = table.splits if bool(split["official"]) else None
+    table.splits = split_by_patient(table.patient_ids, val=float(split["val"]),
+                                    test=float(split["test"]), seed=int(split["seed"]), fixed=official)
     if len(table) == 0:
         raise UserError(f"data={name} has no readable images: check data.root")
     return table
@@ -464,8 +465,4 @@ def load_table(cfg: Mapping[str, Any], *, show_progress: bool = True) -> DataTab
 
 def _phantom_version() -> str:
     """Part of the phantom cache key: a change to the renderer's code invalidates old entries."""
-    import hashlib
-
-    from augment.data import phantom
-
     return hashlib.sha256(Path(phantom.__file__).read_bytes()).hexdigest()[:12]

@@ -48,8 +48,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
-from unittest import mock
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -62,6 +61,7 @@ from pytorch_fid.fid_score import IMAGE_EXTENSIONS, calculate_frechet_distance
 from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
 
 from augment.errors import UserError
+from cxrbase.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,6 @@ __all__ = [
     "folder_fingerprint",
     "iter_folder_batches",
     "list_images",
-    "random_fid_inception_weights",
     "statistics",
 ]
 
@@ -158,6 +157,17 @@ def _sha256_state_dict(module: nn.Module) -> str:
 _BUILD_LOCK = threading.Lock()
 
 
+@contextlib.contextmanager
+def _swapped(owner: object, name: str, value: Any) -> Iterator[None]:
+    """``owner.name`` is ``value`` inside the block; the original is put back however it ends."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
 def _build_fid_inception(state_dict: dict[str, torch.Tensor], dims: int) -> InceptionV3:
     block = InceptionV3.BLOCK_INDEX_BY_DIM[dims]
 
@@ -169,7 +179,7 @@ def _build_fid_inception(state_dict: dict[str, torch.Tensor], dims: int) -> Ince
     # fork_rng: the modules' default initialisers (overwritten by the weights) would otherwise
     # advance the caller's global RNG.
     with (_BUILD_LOCK, torch.random.fork_rng(devices=[]),
-          mock.patch.object(pytorch_fid.inception, "load_state_dict_from_url", _local_only)):
+          _swapped(pytorch_fid.inception, "load_state_dict_from_url", _local_only)):
         net = InceptionV3([block], resize_input=True, normalize_input=True, use_fid_inception=True)
     return net.eval()
 
@@ -290,58 +300,6 @@ class DomainExtractor:
         return f"DomainExtractor(id={self.id!r}, device={self.device})"
 
 
-def random_fid_inception_weights(path: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Write a randomly initialised state dict with the FID Inception architecture to ``path``.
-
-    A stand-in for the real weights (which cannot be downloaded here) in tests and benchmarks:
-    the same network, layers and preprocessing, so timings and pytorch-fid equivalence checks are
-    meaningful, but the FID values are not comparable with published ones. Convolutions are
-    He-normal (so activations neither vanish nor explode through the 90-odd layers), batch norms
-    the identity. Uses its own ``torch.Generator``; the global RNG is untouched.
-
-    Args:
-        path: output file (parent directories are created).
-        seed: seed of the generator.
-
-    Returns:
-        The path written.
-    """
-    from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2, _inception_v3
-
-    # The same surgery as pytorch_fid.inception.fid_inception_v3, minus its weight loading; a
-    # mismatch would make InceptionExtractor's strict load_state_dict fail, so drift is caught.
-    # Built on the meta device: only names and shapes are needed, and module construction there
-    # neither allocates nor draws from the global RNG (default initialisers would).
-    with torch.device("meta"):
-        net = _inception_v3(num_classes=1008, aux_logits=False, weights=None)
-        net.Mixed_5b = FIDInceptionA(192, pool_features=32)
-        net.Mixed_5c = FIDInceptionA(256, pool_features=64)
-        net.Mixed_5d = FIDInceptionA(288, pool_features=64)
-        net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-        net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-        net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-        net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-        net.Mixed_7b = FIDInceptionE_1(1280)
-        net.Mixed_7c = FIDInceptionE_2(2048)
-
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, t in net.state_dict().items():
-        if name.endswith("num_batches_tracked"):
-            state[name] = torch.zeros(t.shape, dtype=t.dtype)
-        elif name.endswith("running_var") or (name.endswith(".weight") and t.ndim == 1):
-            state[name] = torch.ones(t.shape, dtype=t.dtype)
-        elif name.endswith("running_mean") or name.endswith(".bias"):
-            state[name] = torch.zeros(t.shape, dtype=t.dtype)
-        else:  # conv (4-d) and fc (2-d) weights
-            fan_in = int(np.prod(t.shape[1:]))
-            state[name] = torch.randn(t.shape, generator=g, dtype=t.dtype) * math.sqrt(2.0 / fan_in)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    return path
-
-
 # --------------------------------------------------------------------------------------------
 # Features
 # --------------------------------------------------------------------------------------------
@@ -385,14 +343,6 @@ def _rebatch(images: np.ndarray | torch.Tensor | Iterable[np.ndarray | torch.Ten
         yield pending[0] if len(pending) == 1 else torch.cat(pending)
 
 
-def _progress(it: Iterable, total: int | None, desc: str) -> Iterable:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return it
-    return tqdm(it, total=total, desc=desc, disable=None, leave=False)  # disable=None: quiet off a TTY
-
-
 def features(extractor: FeatureExtractor,
              images: np.ndarray | torch.Tensor | Iterable[np.ndarray | torch.Tensor],
              batch_size: int = 50, device: str | torch.device | None = None) -> np.ndarray:
@@ -421,7 +371,7 @@ def features(extractor: FeatureExtractor,
     if isinstance(images, (np.ndarray, torch.Tensor)):
         total = math.ceil(images.shape[0] / batch_size) if images.ndim >= 3 else 1
     out: list[np.ndarray] = []
-    for batch in _progress(_rebatch(images, batch_size), total, "features"):
+    for batch in progress(_rebatch(images, batch_size), total=total, desc="features"):  # quiet off a terminal
         f = extractor(batch.to(extractor.device, non_blocking=True))
         out.append(f.detach().to("cpu", torch.float32).numpy())
     if not out:
@@ -618,12 +568,16 @@ def folder_fingerprint(files: Sequence[Path]) -> str:
 
 
 class RealStatsCache:
-    """Statistics of real image sets on disk, keyed by extractor id and data fingerprint.
+    """Statistics (and, where a caller needs them, features) of real image sets on disk, keyed by
+    extractor id and data fingerprint.
 
-    One ``.npz`` per (name, extractor): ``mu``, ``sigma``, ``n``, ``extractor_id``,
-    ``fingerprint``. An entry is reused only when both the extractor id and the fingerprint match;
-    otherwise the statistics are recomputed and the entry overwritten (written to a temporary file
-    and renamed, so a crash never leaves half an entry).
+    One ``.npz`` per (name, extractor) for statistics: ``mu``, ``sigma``, ``n``, ``extractor_id``,
+    ``fingerprint``; and one ``.features.npz`` per (name, extractor) for the features themselves
+    (``features`` ``N x d`` float32, ``extractor_id``, ``fingerprint``), for callers that need more
+    than the Gaussian statistics (KID, precision/recall, per-class subsets). An entry is reused only
+    when both the extractor id and the fingerprint match; otherwise it is recomputed and overwritten
+    (written to a temporary file and renamed, so a crash never leaves half an entry). Both lookups
+    consult the disk *before* calling ``compute``, so a hit costs no feature pass.
 
     Args:
         root: cache directory (created on first write).
@@ -639,38 +593,55 @@ class RealStatsCache:
         self.misses = 0
 
     def path(self, name: str, extractor_id: str) -> Path:
-        """The entry file for ``name`` under ``extractor_id``."""
+        """The statistics entry file for ``name`` under ``extractor_id``."""
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:80] or "stats"
         ext = hashlib.sha256(extractor_id.encode()).hexdigest()[:12]
         return self.root / f"{safe}-{ext}.npz"
 
-    def load(self, name: str, extractor_id: str, fingerprint: str) -> FIDStats | None:
-        """The cached statistics, or None when absent, unreadable or stale."""
+    def features_path(self, name: str, extractor_id: str) -> Path:
+        """The features entry file for ``name`` under ``extractor_id``."""
         p = self.path(name, extractor_id)
+        return p.with_name(p.name[: -len(".npz")] + ".features.npz")
+
+    @staticmethod
+    def _read(p: Path, extractor_id: str, fingerprint: str, keys: Sequence[str]) -> dict[str, np.ndarray] | None:
+        """The arrays ``keys`` of entry ``p``, or None when absent, unreadable or stale."""
         if not p.is_file():
             return None
         try:
             with np.load(p, allow_pickle=False) as z:
-                stats = FIDStats(mu=z["mu"], sigma=z["sigma"], n=int(z["n"]),
-                                 extractor_id=str(z["extractor_id"]), fingerprint=str(z["fingerprint"]))
+                arrays = {k: z[k] for k in keys}
+                stored = (str(z["extractor_id"]), str(z["fingerprint"]))
         except (OSError, KeyError, ValueError) as err:
             log.warning("ignoring unreadable FID cache entry %s: %s", p, err)
             return None
-        if stats.extractor_id != extractor_id or stats.fingerprint != fingerprint:
+        if stored != (extractor_id, fingerprint):
             log.info("FID cache entry %s is stale (data or extractor changed); recomputing", p)
             return None
-        return stats
+        return arrays
 
-    def save(self, name: str, stats: FIDStats) -> Path:
-        """Write ``stats`` as the entry for ``name``; returns its path."""
-        p = self.path(name, stats.extractor_id)
+    @staticmethod
+    def _write(p: Path, **arrays: np.ndarray) -> Path:
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "wb") as f:
-            np.savez(f, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n),
-                     extractor_id=np.str_(stats.extractor_id), fingerprint=np.str_(stats.fingerprint))
+            np.savez(f, **arrays)
         os.replace(tmp, p)
         return p
+
+    def load(self, name: str, extractor_id: str, fingerprint: str) -> FIDStats | None:
+        """The cached statistics, or None when absent, unreadable or stale."""
+        z = self._read(self.path(name, extractor_id), extractor_id, fingerprint, ("mu", "sigma", "n"))
+        if z is None:
+            return None
+        return FIDStats(mu=z["mu"], sigma=z["sigma"], n=int(z["n"]), extractor_id=extractor_id,
+                        fingerprint=fingerprint)
+
+    def save(self, name: str, stats: FIDStats) -> Path:
+        """Write ``stats`` as the entry for ``name``; returns its path."""
+        return self._write(self.path(name, stats.extractor_id), mu=stats.mu, sigma=stats.sigma,
+                           n=np.int64(stats.n), extractor_id=np.str_(stats.extractor_id),
+                           fingerprint=np.str_(stats.fingerprint))
 
     def get_or_compute(self, name: str, extractor_id: str, fingerprint: str,
                        compute: Callable[[], FIDStats]) -> FIDStats:
@@ -681,7 +652,9 @@ class RealStatsCache:
             extractor_id: the extractor's id.
             fingerprint: the data's fingerprint (:func:`folder_fingerprint`, :func:`array_fingerprint`
                 or the data cache's key).
-            compute: computes the statistics on a miss.
+            compute: computes the statistics on a miss, e.g.
+                ``lambda: statistics(features(extractor, images), extractor_id=extractor.id)``; not
+                called on a hit.
         """
         stats = self.load(name, extractor_id, fingerprint)
         if stats is not None:
@@ -693,6 +666,40 @@ class RealStatsCache:
                          fingerprint=fingerprint)
         self.save(name, stats)
         return stats
+
+    def load_features(self, name: str, extractor_id: str, fingerprint: str) -> np.ndarray | None:
+        """The cached features ``N x d``, or None when absent, unreadable or stale."""
+        z = self._read(self.features_path(name, extractor_id), extractor_id, fingerprint, ("features",))
+        return None if z is None else z["features"]
+
+    def save_features(self, name: str, feats: np.ndarray, extractor_id: str, fingerprint: str) -> Path:
+        """Write ``feats`` (``N x d``, stored as given: float32 from :func:`features`) as the features
+        entry for ``name``; returns its path."""
+        return self._write(self.features_path(name, extractor_id), features=np.asarray(feats),
+                           extractor_id=np.str_(extractor_id), fingerprint=np.str_(fingerprint))
+
+    def features_or_compute(self, name: str, extractor_id: str, fingerprint: str,
+                            compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """Cached features when id and fingerprint match, else ``compute()`` (the feature pass)
+        saved and returned. The stored array is the computed one byte for byte, so every number
+        derived from it (statistics, KID, precision/recall) is the same on a hit as on a miss.
+
+        Args:
+            name: the data set's name; entries apart from the statistics entry of the same name.
+            extractor_id: the extractor's id.
+            fingerprint: identifies the images exactly (for a split of a table: the table's
+                fingerprint and the row indices, e.g. ``f"{fp}:{array_fingerprint(rows)}"``).
+            compute: the feature pass, e.g. ``lambda: features(extractor, images, batch_size)``;
+                not called on a hit.
+        """
+        feats = self.load_features(name, extractor_id, fingerprint)
+        if feats is not None:
+            self.hits += 1
+            return feats
+        self.misses += 1
+        feats = np.asarray(compute())
+        self.save_features(name, feats, extractor_id, fingerprint)
+        return feats
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from augment.data.sources import load_table, nih_boxes
 from augment.data.splits import split_by_patient
 from augment.data.table import XrayDataset
 from augment.errors import UserError
+from cfg_helpers import data_cfg
 
 
 def _png(path: Path, value: int, size: int = 40) -> None:
@@ -33,7 +34,7 @@ def _folder(tmp_path: Path, n: int = 12) -> Path:
 
 def test_folder_source_reads_labels_patients_and_resizes(tmp_path):
     root = _folder(tmp_path)
-    table = load_table({"name": "folder", "root": str(root), "image_size": 32, "cache": False})
+    table = load_table(data_cfg("folder", root=str(root), image_size=32, cache=False))
     assert table.images.shape == (12, 32, 32) and table.images.dtype == np.uint8
     assert table.column("Edema").sum() == 4 and table.column(NO_FINDING).sum() == 4
     ds = XrayDataset(table, classes=["Edema", "Hernia"])
@@ -44,16 +45,42 @@ def test_folder_source_reads_labels_patients_and_resizes(tmp_path):
 
 def test_folder_source_errors_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="data.root"):
-        load_table({"name": "folder", "root": None})
+        load_table(data_cfg("folder", root=None))
     with pytest.raises(UserError, match="does not exist"):
-        load_table({"name": "folder", "root": str(tmp_path / "nope")})
+        load_table(data_cfg("folder", root=str(tmp_path / "nope")))
     with pytest.raises(UserError, match="labels.csv"):
-        load_table({"name": "folder", "root": str(tmp_path)})
+        load_table(data_cfg("folder", root=str(tmp_path)))
     pd.DataFrame({"path": ["a.png"]}).to_csv(tmp_path / "labels.csv", index=False)
     with pytest.raises(UserError, match="lacks column"):
-        load_table({"name": "folder", "root": str(tmp_path)})
+        load_table(data_cfg("folder", root=str(tmp_path)))
     with pytest.raises(UserError, match="unknown data source"):
-        load_table({"name": "dicomland"})
+        load_table({**data_cfg("folder"), "name": "dicomland"})
+
+
+def test_a_missing_key_fails_loudly_and_every_source_yaml_has_the_common_keys(tmp_path):
+    """No defaults in code: a data node without a key is refused, naming the key."""
+    root = _folder(tmp_path)
+    full = data_cfg("folder", root=str(root), image_size=32, cache=False)
+    for key in ("image_size", "split", "cache", "drop_unlabelled", "on_error", "masks_csv"):
+        with pytest.raises(KeyError, match=key):
+            load_table({k: v for k, v in full.items() if k != key})
+    with pytest.raises(KeyError, match="seed"):
+        load_table({**full, "split": {"val": 0.1, "test": 0.2, "official": True}})
+    for source in ("phantom", "folder", "nih", "nih64", "chexpert", "medmnist"):
+        node = data_cfg(source)
+        assert {"name", "image_size", "cache", "cache_dir", "split"} <= set(node), source
+        assert set(node["split"]) == {"val", "test", "seed", "official"}, source
+
+
+@pytest.mark.parametrize("size", [16, 48, 512, 1024])
+def test_image_sizes_outside_32_to_256_or_not_powers_of_two_are_refused(tmp_path, size):
+    with pytest.raises(UserError, match="power of two from 32 to 256"):
+        load_table(data_cfg("folder", root=str(_folder(tmp_path)), image_size=size, cache=False))
+
+
+def test_the_largest_supported_size_loads(tmp_path):
+    table = load_table(data_cfg("folder", root=str(_folder(tmp_path, n=3)), image_size=256, cache=False))
+    assert table.images.shape == (3, 256, 256)
 
 
 def test_paths_escaping_root_are_rejected(tmp_path):
@@ -63,22 +90,22 @@ def test_paths_escaping_root_are_rejected(tmp_path):
     df.loc[0, "file"] = "../outside.png"
     df.to_csv(root / "labels.csv", index=False)
     with pytest.raises(UserError, match="escapes data.root"):
-        load_table({"name": "folder", "root": str(root), "image_size": 32, "cache": False})
+        load_table(data_cfg("folder", root=str(root), image_size=32, cache=False))
 
 
 def test_corrupt_images_are_skipped_with_a_count_or_fail(tmp_path, caplog):
     root = _folder(tmp_path)
     (root / "img/001.png").write_bytes(b"not a png")
-    table = load_table({"name": "folder", "root": str(root), "image_size": 32, "cache": False})
+    table = load_table(data_cfg("folder", root=str(root), image_size=32, cache=False))
     assert len(table) == 11
     assert "skipped 1 unreadable image" in caplog.text and "img/001.png" in caplog.text
     with pytest.raises(UserError, match="unreadable"):
-        load_table({"name": "folder", "root": str(root), "image_size": 32, "cache": False, "on_error": "fail"})
+        load_table(data_cfg("folder", root=str(root), image_size=32, cache=False, on_error="fail"))
 
 
 def test_cache_is_reused_and_invalidated_when_files_change(tmp_path):
     root = _folder(tmp_path / "d")
-    cfg = {"name": "folder", "root": str(root), "image_size": 32, "cache_dir": str(tmp_path / "cache")}
+    cfg = data_cfg("folder", root=str(root), image_size=32, cache_dir=str(tmp_path / "cache"))
     first = load_table(cfg)
     assert isinstance(first.images, np.memmap)
     entries = list((tmp_path / "cache").iterdir())
@@ -112,8 +139,8 @@ def test_official_train_val_rows_never_reach_test():
 
 
 def test_shared_real_data_patient_split_and_classes(cxr_real):
-    table = load_table({"name": "folder", "root": str(cxr_real), "image_size": 32,
-                        "split": {"val": 0.1, "test": 0.2, "seed": 0}})
+    table = load_table(data_cfg("folder", root=str(cxr_real), image_size=32,
+                        split={"val": 0.1, "test": 0.2, "seed": 0, "official": True}))
     assert len(table) > 7000
     for name in ("Edema", "Hernia", "Pneumonia"):
         assert table.column(name).sum() > 0
@@ -121,22 +148,22 @@ def test_shared_real_data_patient_split_and_classes(cxr_real):
     per_patient = df.groupby("p")["s"].nunique()
     assert (per_patient == 1).all(), "a patient crosses splits"
     assert "lungs" in table.anatomy and table.anatomy_known["lungs"].sum() > 400
-    kermany = load_table({"name": "folder", "root": str(cxr_real), "image_size": 32,
-                          "include": ["images/kermany_pneumonia/"]})
+    kermany = load_table(data_cfg("folder", root=str(cxr_real), image_size=32,
+                          include=["images/kermany_pneumonia/"]))
     assert len(kermany) == 5190 and set(kermany.labelled_classes()) == {"Pneumonia", NO_FINDING}
 
 
 def test_native64_path_replace(cxr_real):
-    table = load_table({"name": "folder", "root": str(cxr_real), "image_size": 64,
-                        "include": ["images/nih_kcr2019_64px/"],
-                        "path_replace": {"images/nih_kcr2019_64px/": "images_native64/nih_kcr2019_64px/"}})
+    table = load_table(data_cfg("folder", root=str(cxr_real), image_size=64,
+                        include=["images/nih_kcr2019_64px/"],
+                        path_replace={"images/nih_kcr2019_64px/": "images_native64/nih_kcr2019_64px/"}))
     assert len(table) == 975 and all(f.startswith("images_native64/") for f in table.files)
 
 
 def test_nih_source_on_the_real_reference_files(cxr_real, tmp_path):
     ref = cxr_real / "reference"
-    table = load_table({"name": "nih", "root": str(ref), "image_size": 32,
-                        "image_dirs": [str(cxr_real / "images/nih_fullres"), str(cxr_real / "images/nih_kcr2019_64px")]})
+    table = load_table(data_cfg("nih", root=str(ref), image_size=32,
+                        image_dirs=[str(cxr_real / "images/nih_fullres"), str(cxr_real / "images/nih_kcr2019_64px")]))
     assert len(table) == 26 + 975
     entry = pd.read_csv(ref / "Data_Entry_2017_v2020.csv.gz")
     row = entry[entry["Image Index"] == "00000001_001.png"].iloc[0]
@@ -165,7 +192,7 @@ def test_nih_layout_with_images_subfolders(tmp_path):
         fh.write(f"{names[0]},Hernia,1\n{names[1]},No Finding,2\n{names[2]},Edema|Effusion,3\n00000009_000.png,Mass,9\n")
     (tmp_path / "train_val_list.txt").write_text("\n".join(names[:2]))
     (tmp_path / "test_list.txt").write_text(names[2])
-    table = load_table({"name": "nih", "root": str(tmp_path), "image_size": 32, "cache": False})
+    table = load_table(data_cfg("nih", root=str(tmp_path), image_size=32, cache=False))
     assert len(table) == 3
     assert table.splits[list(table.files).index(next(f for f in table.files if names[2] in f))] == "test"
 
@@ -183,15 +210,15 @@ def test_chexpert_uncertain_policies(tmp_path):
     pd.DataFrame(rows[:2]).to_csv(tmp_path / "valid.csv", index=False)
     card = VOCABULARY.index("Cardiomegaly")
     for policy, expected in (("ones", 1.0), ("zeros", 0.0)):
-        t = load_table({"name": "chexpert", "root": str(tmp_path), "image_size": 32, "uncertain": policy, "cache": False})
+        t = load_table(data_cfg("chexpert", root=str(tmp_path), image_size=32, uncertain=policy, cache=False))
         assert t.labels[0, card] == expected
-    t = load_table({"name": "chexpert", "root": str(tmp_path), "image_size": 32, "uncertain": "nan", "cache": False})
+    t = load_table(data_cfg("chexpert", root=str(tmp_path), image_size=32, uncertain="nan", cache=False))
     assert np.isnan(t.labels[0, card])
     assert np.isnan(t.labels[:, VOCABULARY.index("Hernia")]).all()  # CheXpert does not label Hernia
     assert (t.labels[:, VOCABULARY.index("Effusion")] == np.array([0, 1, 0, 1, 0, 1, 0, 1])).all()
     assert (t.splits[-2:] == "test").all()
     with pytest.raises(UserError, match="policy"):
-        load_table({"name": "chexpert", "root": str(tmp_path), "uncertain": "maybe"})
+        load_table(data_cfg("chexpert", root=str(tmp_path), uncertain="maybe"))
 
 
 def test_medmnist_official_splits(tmp_path):
@@ -203,9 +230,9 @@ def test_medmnist_official_splits(tmp_path):
         lab[0, 13] = 1  # Hernia
         data[f"{split}_labels"] = lab
     np.savez(tmp_path / "chestmnist.npz", **data)
-    t = load_table({"name": "medmnist", "root": str(tmp_path), "image_size": 32, "cache": False})
+    t = load_table(data_cfg("medmnist", root=str(tmp_path), image_size=32, cache=False))
     assert len(t) == 17 and (t.splits == "train").sum() == 10 and (t.splits == "test").sum() == 4
     assert t.column("Hernia").sum() == 3 and t.column(NO_FINDING).sum() == 14
     np.savez(tmp_path / "pneumoniamnist.npz", **{k: (v[:, :1] if "labels" in k else v) for k, v in data.items()})
-    p = load_table({"name": "medmnist", "flavour": "pneumoniamnist", "root": str(tmp_path), "image_size": 32, "cache": False})
+    p = load_table(data_cfg("medmnist", flavour="pneumoniamnist", root=str(tmp_path), image_size=32, cache=False))
     assert np.isnan(p.column("Hernia")).all() and p.column("Pneumonia").sum() == 0

@@ -31,6 +31,7 @@ from augment.metrics.fid import (
     fid_from_stats,
     statistics,
 )
+from fid_weights import random_fid_inception_weights
 
 
 def _closed_form_diag(mu1, s1, mu2, s2) -> float:
@@ -238,6 +239,53 @@ def test_real_stats_cache_hit_miss_invalidate(tmp_path):
     assert len(calls) == 4
 
 
+class _Counting:
+    """A real extractor that counts the batches it is called on."""
+
+    def __init__(self, ex: DomainExtractor) -> None:
+        self.ex, self.id, self.device, self.batches = ex, ex.id, ex.device, 0
+
+    def __call__(self, b: torch.Tensor) -> torch.Tensor:
+        self.batches += 1
+        return self.ex(b)
+
+
+def test_a_cache_hit_skips_the_real_feature_pass(tmp_path):
+    """What evaluate's image quality does with the real train split: features (for KID, PR and the
+    per-class sets) and statistics through the cache; on a hit the extractor is never called and
+    every number is the same as on the miss."""
+    ex = _Counting(DomainExtractor(_tiny_timm(), sha256="s"))
+    u = np.random.default_rng(7).integers(0, 256, size=(10, 32, 32), dtype=np.uint8)
+    rows = np.arange(10)
+    fp = f"table-fp:{F.array_fingerprint(rows)}"
+
+    def real(cache):
+        f = cache.features_or_compute("phantom-train", ex.id, fp, lambda: features(ex, u[rows], batch_size=4))
+        s = cache.get_or_compute("phantom-train", ex.id, fp, lambda: statistics(f, extractor_id=ex.id))
+        return f, s
+
+    f1, s1 = real(RealStatsCache(tmp_path / "cache"))
+    assert ex.batches == 3  # 4 + 4 + 2 images: the pass ran once on the miss
+    cache = RealStatsCache(tmp_path / "cache")  # a later evaluation
+    f2, s2 = real(cache)
+    assert ex.batches == 3 and (cache.hits, cache.misses) == (2, 0)
+    assert f2.dtype == np.float32 and f2.shape == f1.shape
+    np.testing.assert_array_equal(f2, f1)
+    np.testing.assert_array_equal(s2.mu, s1.mu)
+    np.testing.assert_array_equal(s2.sigma, s1.sigma)
+    np.testing.assert_array_equal(statistics(f2).sigma, s1.sigma)  # derived numbers equal too
+    # other rows (another split seed) are another fingerprint: computed, not a stale hit
+    rows = np.arange(8)
+    fp = f"table-fp:{F.array_fingerprint(rows)}"
+    f3, _ = real(cache)
+    assert ex.batches == 5 and f3.shape[0] == 8 and cache.misses == 2
+    np.testing.assert_array_equal(f3, f1[:8])
+    assert cache.load_features("phantom-train", ex.id, "table-fp:other") is None
+    cache.features_path("phantom-train", ex.id).write_bytes(b"not an npz")  # corrupt: recompute, no crash
+    real(cache)
+    assert ex.batches == 7
+
+
 def _write_pngs(folder: Path, n: int, size: int, seed: int, brightness: float = 0.0) -> None:
     """Random smooth grayscale PNGs: low-resolution noise upsampled bilinearly."""
     folder.mkdir(parents=True)
@@ -301,14 +349,27 @@ def test_inception_missing_weights_says_where_and_never_downloads(tmp_path, monk
 
 def test_random_weights_leave_global_rng_alone(tmp_path):
     before = torch.random.get_rng_state()
-    F.random_fid_inception_weights(tmp_path / "w.pth", seed=3)
+    random_fid_inception_weights(tmp_path / "w.pth", seed=3)
     assert torch.equal(before, torch.random.get_rng_state())
     a = torch.load(tmp_path / "w.pth", weights_only=True)
-    F.random_fid_inception_weights(tmp_path / "w2.pth", seed=3)
+    random_fid_inception_weights(tmp_path / "w2.pth", seed=3)
     b = torch.load(tmp_path / "w2.pth", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     InceptionExtractor(tmp_path / "w.pth", dims=64)
     assert torch.equal(before, torch.random.get_rng_state())
+
+
+def test_inception_build_restores_pytorch_fids_loader(tmp_path):
+    """The loader swapped in while the network is built is put back, also when the build fails."""
+    import pytorch_fid.inception as pfi
+
+    original = pfi.load_state_dict_from_url
+    InceptionExtractor(random_fid_inception_weights(tmp_path / "w.pth", seed=0), dims=64)
+    assert pfi.load_state_dict_from_url is original
+    torch.save({"not": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError):  # strict load_state_dict: wrong keys
+        InceptionExtractor(tmp_path / "bad.pth", dims=64)
+    assert pfi.load_state_dict_from_url is original
 
 
 def _parse_fid(stdout: str) -> float:
@@ -325,7 +386,7 @@ def test_equivalence_with_python_m_pytorch_fid(tmp_path, monkeypatch, dims):
     Mixed_7a-c) is marked slow: each 2048 x 2048 matrix square root takes ~20 s on 2 cores.
     """
     torch_home = tmp_path / "torch"
-    weights = F.random_fid_inception_weights(
+    weights = random_fid_inception_weights(
         torch_home / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth", seed=0)
     d1, d2 = tmp_path / "one", tmp_path / "two"
     _write_pngs(d1, 6, 32, seed=0)

@@ -3,14 +3,20 @@ import json
 import math
 import sqlite3
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
 import yaml
 
-from augment import search as search_mod
+from augment import search
+from augment.search import spaces
+from augment.search import study as search_study
 from augment.cli import build_parser, main, to_overrides, COMMANDS
-from augment.config import compose
+from augment.config import compose, to_dict
+from augment.data.sources import load_table
+from augment.jobs.classifier import train_seed
+from augment.jobs.masks import mask_metrics
 
 from search_args import PSEUDO, TINY
 
@@ -88,9 +94,9 @@ def test_best_yaml_applies_to_the_composed_config_and_to_classify(in_tmp, pool):
 
 def _patched(monkeypatch, fake):
     """Replace the pseudo-label objective (the search runs inline, in this process)."""
-    space = search_mod.SPACES["pseudo_label"]
+    space = spaces.SPACES["pseudo_label"]
     real = space.objective
-    monkeypatch.setitem(search_mod.SPACES, "pseudo_label",
+    monkeypatch.setitem(spaces.SPACES, "pseudo_label",
                         dataclasses.replace(space, objective=lambda trial, ov, ctx: fake(trial, ov, ctx, real)))
 
 
@@ -221,7 +227,7 @@ def test_from_search_with_a_bad_file_is_one_line(in_tmp, capsys):
 def test_pruning_callback_reports_and_prunes(tmp_path):
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.6))
     trial = study.ask()
-    cb = search_mod.pruning_callback(trial)
+    cb = spaces.pruning_callback(trial)
     cb(1, {"val_mean_auc": None})  # undefined AUC: nothing reported
     cb(2, {"val_mean_auc": 0.7})
     with pytest.raises(optuna.TrialPruned):
@@ -232,7 +238,7 @@ def test_pruning_callback_reports_and_prunes(tmp_path):
 @pytest.mark.parametrize("kind", ["median", "hyperband"])
 def test_the_pruners_never_prune_the_warmup_epochs(kind):
     scfg = {"pruner": kind, "startup_trials": 1, "warmup_epochs": 1}
-    pruner = search_mod.make_pruner(search_mod.SPACES["pseudo_label"], scfg, epochs=4)
+    pruner = search_study.make_pruner(spaces.SPACES["pseudo_label"], scfg, epochs=4)
     study = optuna.create_study(direction="maximize", pruner=pruner, sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(3):  # good trials: 0.9 at every epoch
         t = study.ask()
@@ -245,14 +251,11 @@ def test_the_pruners_never_prune_the_warmup_epochs(kind):
     if kind == "median":  # then it is pruned (Hyperband's brackets need more trials to decide)
         bad.report(0.1, 2)
         assert bad.should_prune()
-    assert search_mod.make_pruner(search_mod.SPACES["ucgan_weights"], scfg, 4).__class__.__name__ == "NopPruner"
+    assert search_study.make_pruner(spaces.SPACES["ucgan_weights"], scfg, 4).__class__.__name__ == "NopPruner"
 
 
 def test_the_classifier_stops_when_on_epoch_raises(tmp_path):
-    """The search prunes through classify.train_one(on_epoch=...): the exception stops training."""
-    from augment.config import to_dict
-    from augment.stages.classify import train_one
-
+    """The search prunes through train_seed(on_epoch=...): the exception stops training."""
     cfg = to_dict(compose([*TINY, "classify.epochs=3", "classify.patience=null"]))
     seen = []
 
@@ -262,8 +265,8 @@ def test_the_classifier_stops_when_on_epoch_raises(tmp_path):
             raise optuna.TrialPruned("stop")
 
     with pytest.raises(optuna.TrialPruned):
-        train_one({"cfg": cfg, "seed": 0, "out": str(tmp_path), "classes": ["Edema", "Hernia", "Effusion"],
-                   "synthetic": []}, on_epoch=on_epoch)
+        train_seed({"cfg": cfg, "seed": 0, "out": str(tmp_path), "classes": ["Edema", "Hernia", "Effusion"],
+                    "synthetic": []}, on_epoch=on_epoch)
     assert [e for e, _ in seen] == [1] and seen[0][1] is not None
 
 
@@ -272,14 +275,14 @@ def test_translator_space_searches_only_the_weights_the_family_has():
     ranges = compose(["search=translator_weights"]).search.params
     ranges = {k: dict(v) for k, v in ranges.items()}
     fixed = optuna.trial.FixedTrial({"lambda_cyc": 3.0, "lambda_id": 2.0, "lambda_sparse": 5.0, "mask_threshold": 0.2})
-    assert search_mod.suggest_translator(fixed, ranges, base) == [
+    assert spaces.suggest_translator(fixed, ranges, base) == [
         "translator.lambda_cyc=3.0", "translator.lambda_id=2.0", "mask.rule=fixed", "mask.threshold=0.2"]
     branched = {"translator": {"lambda_sparse": 1.0, "lambda_rec": 10.0}, "mask": {"threshold": 0.1}}
-    assert search_mod.suggest_translator(fixed, ranges, branched) == [
+    assert spaces.suggest_translator(fixed, ranges, branched) == [
         "translator.lambda_sparse=5.0", "mask.rule=fixed", "mask.threshold=0.2"]
     # and every suggested override composes with its family
-    for family, ov in (("fixed_point", search_mod.suggest_translator(fixed, ranges, base)),
-                       ("branched", search_mod.suggest_translator(fixed, ranges, branched))):
+    for family, ov in (("fixed_point", spaces.suggest_translator(fixed, ranges, base)),
+                       ("branched", spaces.suggest_translator(fixed, ranges, branched))):
         cfg = compose([f"translator={family}", *ov])
         assert cfg.mask.rule == "fixed" and cfg.mask.threshold == 0.2
 
@@ -287,19 +290,54 @@ def test_translator_space_searches_only_the_weights_the_family_has():
 def test_translator_weights_space_scores_mask_dice_on_validation(in_tmp):
     out = in_tmp / "t"
     assert main(["search", "search=translator_weights", *TINY, "search.overrides=['train.max_steps=4']",
-                 "search.val_images=24", "--trials", "2", "--out", str(out)]) == 0
+                 "--trials", "2", "--out", str(out)]) == 0
     m = metrics(out)
     trials = stored_trials(out, "translator_weights")
     assert m["n_trials"]["COMPLETE"] == 2, m["failures"]
     for t in trials:
         assert set(t.params) == {"lambda_cyc", "lambda_id", "mask_threshold"}  # fixed_point has no lambda_sparse
-        assert 0.0 <= t.value <= 1.0 and t.user_attrs["n_pairs"] > 0
+        assert 0.0 <= t.value <= 1.0 and t.user_attrs["n_lesion_images"] > 0
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["overrides"][0] == "translator=fixed_point" and "mask.rule=fixed" in best["overrides"]
-    cfg = compose(search_mod.read_best(out / "best.yaml"))
+    cfg = compose(search.read_best(out / "best.yaml"))
     assert cfg.translator.lambda_cyc == pytest.approx(best["params"]["lambda_cyc"])
     assert cfg.mask.threshold == pytest.approx(best["params"]["mask_threshold"]) and cfg.mask.rule == "fixed"
     assert not list((out / "trials").rglob("*.pt"))  # checkpoints are dropped after each trial
+
+
+def test_the_translator_objective_is_the_dice_evaluate_reports_on_the_validation_split(in_tmp):
+    """The search optimises the Dice `augment evaluate` reports: a trial's value is the mean over findings
+    of mask_metrics(...)["per_class"][c]["dice_mean"] (the function evaluate calls, with the mask rule
+    evaluate builds from cfg.mask) on the validation split, for the trial's own checkpoint."""
+    out = in_tmp / "t"
+    assert main(["search", "search=translator_weights", *TINY, "search.overrides=['train.max_steps=4']",
+                 "search.keep_checkpoints=true", "--trials", "1", "--out", str(out)]) == 0
+    (trial,) = stored_trials(out, "translator_weights")
+    assert trial.state.name == "COMPLETE", metrics(out)["failures"]
+    cfg = compose([*TINY, "train.max_steps=4", *trial.user_attrs["overrides"]])
+    mask_cfg = {"rule": str(cfg.mask.rule), "threshold": float(cfg.mask.threshold),  # as augment evaluate builds it
+                "percentile": float(cfg.mask.percentile), "min_area": int(cfg.mask.min_area),
+                "smooth_sigma": float(cfg.mask.smooth_sigma)}
+    assert mask_cfg["rule"] == "fixed" and mask_cfg["threshold"] == trial.params["mask_threshold"]
+    ckpt = out / "trials" / f"{trial.number:04d}" / "models" / "fixed_point" / "checkpoint.pt"
+    reported = mask_metrics(load_table(cfg.data, show_progress=False), metrics(out)["classes"], ckpt, mask_cfg,
+                            split="val")["per_class"]
+    dice = {c: m["dice_mean"] for c, m in reported.items() if m.get("dice_mean") is not None}
+    assert dice and trial.user_attrs["val_dice_per_finding"] == dice
+    assert trial.value == float(np.mean(list(dice.values())))
+
+
+def test_mask_score_is_the_mean_over_findings_with_ground_truth():
+    per = {"Edema": {"dice_mean": 0.2, "iou_mean": 0.1, "poi_mean": 0.5, "n_lesion_images": 3},
+           "Hernia": {"dice_mean": 0.6, "iou_mean": 0.4, "poi_mean": 0.7, "n_lesion_images": 1},
+           "Effusion": {"detection_auc": 0.5, "n_images": 9},  # no ground truth: not a Dice
+           "Mass": {"undefined": "no test images with this finding"}}
+    score = spaces.mask_score({"per_class": per, "n_images": 12})
+    assert score["values"] == [pytest.approx(0.4)] and score["attrs"]["val_iou"] == pytest.approx(0.25)
+    assert score["attrs"]["val_dice_per_finding"] == {"Edema": 0.2, "Hernia": 0.6}
+    assert score["attrs"]["n_lesion_images"] == 4
+    with pytest.raises(ValueError, match="no validation lesion"):
+        spaces.mask_score({"per_class": {"Effusion": per["Effusion"]}, "n_images": 9})
 
 
 @pytest.mark.filterwarnings("ignore::augment.metrics.fid.SmallSampleWarning")  # n=20 pools, on purpose
@@ -319,7 +357,7 @@ def test_ucgan_weights_space_reports_auc_and_fid_on_a_pareto_front(in_tmp):
     assert len(study.directions) == 2
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert all(t.user_attrs["fid_n_fake"] == 20 and t.user_attrs["fid_n_real"] == 60 for t in done)
-    cfg = compose(search_mod.read_best(out / "best.yaml"))
+    cfg = compose(search.read_best(out / "best.yaml"))
     assert cfg.generator._target_.endswith("UCGAN")
     assert cfg.generator.alpha == pytest.approx(m["best"]["params"]["alpha"])
 
@@ -328,10 +366,10 @@ def test_experiment_smoke_ranges_suit_its_tiny_models_and_other_spaces_ignore_th
     """experiment=smoke lowers the pseudo-label threshold range (20-step models never reach 0.5, so a
     pool at t=0.5 would be empty); a space that does not search the threshold drops that range."""
     pl = compose(["search=pseudo_label", "experiment=smoke"])
-    ranges = search_mod.check_ranges(search_mod.SPACES["pseudo_label"], search_mod.to_dict(pl.search.params))
+    ranges = spaces.check_ranges(spaces.SPACES["pseudo_label"], to_dict(pl.search.params))
     assert ranges["threshold"]["low"] <= pl.generate.threshold < ranges["threshold"]["high"]
-    tw = search_mod.to_dict(compose(["search=translator_weights", "experiment=smoke"]).search.params)
+    tw = to_dict(compose(["search=translator_weights", "experiment=smoke"]).search.params)
     assert "threshold" in tw
-    kept = search_mod.check_ranges(search_mod.SPACES["translator_weights"], tw)
-    assert "threshold" not in kept and set(kept) <= set(search_mod.SPACES["translator_weights"].params)
+    kept = spaces.check_ranges(spaces.SPACES["translator_weights"], tw)
+    assert "threshold" not in kept and set(kept) <= set(spaces.SPACES["translator_weights"].params)
     assert "threshold" in tw  # the caller's dict is not modified

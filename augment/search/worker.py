@@ -1,0 +1,78 @@
+"""The worker: one trial loop against the shared study (a Ray work unit, or run in this process).
+
+``--workers N`` runs N of these loops at once as Ray actors (one GPU each where there are GPUs),
+each calling ``study.optimize`` against the shared storage. A trial that raises or returns NaN is
+stored as FAIL and the study goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import optuna
+import torch
+
+from augment.search.spaces import SPACES, compose_cached, drop_checkpoints, merge_overrides
+from augment.search.study import make_pruner, make_sampler, make_storage
+
+#: The work unit :func:`augment.runtime.run_all` resolves in each actor.
+TARGET = "augment.search.worker:run_worker"
+
+
+def run_worker(payload: dict) -> dict:
+    """One trial loop (a Ray work unit, or called in this process): ``study.optimize`` on the shared
+    study for ``payload["n_trials"]`` trials. Plain dict in, plain dict out."""
+    space = SPACES[payload["space"]]
+    scfg = payload["search"]
+    ctx = dict(payload["context"])
+    base = list(payload["base"])
+    fixed = merge_overrides(list(space.fixed), list(scfg.get("overrides") or []))
+    base_cfg = compose_cached(merge_overrides(base, fixed))
+    pruner = make_pruner(space, scfg, int(base_cfg["classify"]["epochs"]))
+    ctx["prune"] = not isinstance(pruner, optuna.pruners.NopPruner)
+    ctx.setdefault("device", worker_device(base_cfg))
+    storage = make_storage(payload["storage"], scfg.get("heartbeat"))
+    study = optuna.load_study(study_name=payload["study"], storage=storage,
+                              sampler=make_sampler(space, scfg, int(payload["sampler_seed"])), pruner=pruner)
+    host, pid = socket.gethostname(), os.getpid()
+    ran: list[int] = []
+
+    def objective(trial: optuna.Trial) -> float | list[float]:
+        ran.append(trial.number)
+        trial.set_user_attr("worker", f"{host}:{pid}")
+        trial.set_user_attr("worker_pid", pid)
+        trial.set_user_attr("worker_rank", int(payload["rank"]))
+        trial.set_user_attr("session", payload["session"])
+        try:
+            space_overrides = space.suggest(trial, scfg["params"], base_cfg)
+            trial.set_user_attr("overrides", space_overrides)
+            result = space.objective(trial, merge_overrides(base, fixed, space_overrides), ctx)
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).strip()[:500]}")
+            raise
+        finally:
+            if not ctx.get("keep_checkpoints"):
+                drop_checkpoints(Path(ctx["out"]) / "trials" / f"{trial.number:04d}")
+        for key, value in (result.get("attrs") or {}).items():
+            trial.set_user_attr(key, value)
+        values = [float(v) for v in result["values"]]
+        if not all(math.isfinite(v) for v in values):
+            trial.set_user_attr("error", f"objective value not finite: {values}")
+        return values if space.multi else values[0]
+
+    study.optimize(objective, n_trials=int(payload["n_trials"]), timeout=payload.get("timeout"),
+                   catch=(Exception,), gc_after_trial=True)
+    return {"rank": payload["rank"], "pid": pid, "host": host, "trials": ran}
+
+
+def worker_device(cfg: dict) -> str:
+    """The device this process trains and extracts on: ``classify.device`` (``auto``: cuda when present)."""
+    want = str(cfg["classify"]["device"])
+    if want == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return want
