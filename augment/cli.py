@@ -22,6 +22,9 @@ from pathlib import Path
 from augment import __version__
 from augment.errors import UserError
 
+# The stages, Hydra, torch and Ray are imported when a command runs, not here: `augment --help` and a
+# mistyped flag answer at once instead of after seconds of imports.
+
 log = logging.getLogger("augment")
 
 
@@ -98,7 +101,7 @@ COMMANDS: dict[str, Command] = {
         (("--study",), {"help": "study name (default: the space name)"}, "search.study='{}'"),
         (("--timeout",), {"type": float, "help": "seconds after which no new trial is started"}, "search.timeout={}"),
     ], wants_overrides=True, keep_partial=True),
-    "run": Command("run", "augment.stages.run:run",
+    "run": Command("run", "augment.pipeline:run",
                    "the whole flow: train -> baseline -> generate -> augmented -> evaluate -> report (resumable)", [
         (("--from",), {"dest": "from_step", "metavar": "STEP",
                        "help": "rerun from this step: train, baseline, generate, augmented, evaluate or report"},
@@ -186,17 +189,17 @@ def resolve_target(target: str) -> Callable:
 def run_command(name: str, overrides: Sequence[str]) -> dict:
     """Compose the config, run the stage, write metrics.json and config.yaml; return the metrics."""
     from augment.config import compose, save_config
-    from augment.stages.common import write_json
+    from augment.common import write_json
 
     cmd = COMMANDS[name]
     family_free = [o for o in overrides if not (o.split("=", 1)[0] in ("generator", "translator") and "," in o)]
     cfg = compose(family_free)
-    if name == "run" and not cfg.get("out"):  # a stable folder, so running the same command again resumes
-        from augment.stages.run import default_out
+    if name == "run" and not cfg.out:  # a stable folder, so running the same command again resumes
+        from augment.pipeline import default_out
 
         out = Path(default_out(cfg))
     else:
-        out = output_dir(cfg.get("out"), name)
+        out = output_dir(cfg.out, name)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:

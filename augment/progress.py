@@ -1,30 +1,19 @@
-"""One progress-bar helper for every long stage; quiet when stderr is not a terminal."""
+"""Progress of long stages: the in-process bar is :func:`cxrbase.progress` (quiet when stderr is not a
+terminal); :class:`StepWatcher` follows work running elsewhere (Ray actors) from its logs."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from tqdm.auto import tqdm
 
-T = TypeVar("T")
+from cxrbase.progress import interactive, progress
 
-
-def interactive() -> bool:
-    return sys.stderr.isatty() and not os.environ.get("CI")
-
-
-def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "", enabled: bool = True) -> Iterator[T]:
-    """Wrap an iterable in a tqdm bar when ``enabled`` and stderr is a terminal."""
-    if not (enabled and interactive()):
-        yield from iterable
-        return
-    yield from tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+__all__ = ["StepWatcher", "interactive", "last_step", "progress"]
 
 
 def last_step(log: Path) -> int:

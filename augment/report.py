@@ -14,19 +14,23 @@ import re
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy import stats
+from sklearn.metrics import roc_curve
 
-from augment.stages.common import markdown_table
+from augment.common import markdown_table, versions
+from augment.data.sources import load_table
+
 
 STEP_DIRS = ("train", "baseline", "synthetic", "augmented", "evaluate")
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    matplotlib.use("Agg")  # files only, never a window (set at the first plot, not at import)
     return plt
 
 
@@ -36,8 +40,6 @@ def _load(path: Path) -> dict | None:
 
 def paired_difference(baseline: list[float | None], augmented: list[float | None]) -> dict[str, Any]:
     """Mean of the per-seed differences (augmented - baseline) with a 95 % t-interval over seeds."""
-    from scipy import stats
-
     d = [a - b for a, b in zip(augmented, baseline) if a is not None and b is not None]
     if not d:
         return {"mean": None, "ci95": None, "n": 0}
@@ -79,8 +81,6 @@ def _f(v: Any) -> str:
 
 def roc_figure(run: Path, classes: list[str], path: Path) -> Path | None:
     """ROC per class, baseline vs augmented, every seed (from the saved test predictions)."""
-    from sklearn.metrics import roc_curve
-
     plt = _plt()
     fig, axes = plt.subplots(1, len(classes), figsize=(3.3 * len(classes), 3.3), squeeze=False)
     drawn = False
@@ -177,11 +177,6 @@ def mask_overlay_figure(examples: dict[str, list[dict]], path: Path, title: str 
 
 
 def _grid_inputs(run: Path, cfg: dict, classes: list[str], per_class: int) -> tuple[list, list]:
-    import pandas as pd
-    from PIL import Image
-
-    from augment.data.sources import load_table
-
     table = load_table(cfg["data"], show_progress=False)
     real = []
     for c in classes:
@@ -203,8 +198,6 @@ def _grid_inputs(run: Path, cfg: dict, classes: list[str], per_class: int) -> tu
 
 def build_report(run: Path, cfg: dict, timings: dict[str, float]) -> dict[str, Path]:
     """Write ``report.md`` and ``report.html`` into ``run``; returns their paths."""
-    from augment.stages.common import versions
-
     run = Path(run)
     figs = run / "report_files"
     figs.mkdir(exist_ok=True)

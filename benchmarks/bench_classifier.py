@@ -42,12 +42,15 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from omegaconf import OmegaConf  # noqa: E402
+
+from augment.config import compose  # noqa: E402
 from augment.data.labels import canonical  # noqa: E402
 from augment.data.sources import load_table  # noqa: E402
 from augment.data.table import XrayDataset, select_labels  # noqa: E402
-from classifiers.data import collate_items  # noqa: E402
 from classifiers.model import count_parameters, create_classifier  # noqa: E402
 from classifiers.train import masked_bce_with_logits  # noqa: E402
+from cxrbase import collate  # noqa: E402
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-real"
 
@@ -117,7 +120,7 @@ def loader_rate(ds: Dataset, batch_size: int, workers: int, max_batches: int, se
     """(images/s over the timed batches, images timed, seconds to the first batch).
 
     The first batch (worker start-up) is excluded from the rate and reported separately."""
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate_items,
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate,
                         drop_last=True, generator=torch.Generator().manual_seed(seed))
     it = iter(loader)
     t0 = time.perf_counter()
@@ -135,8 +138,9 @@ def loader_rate(ds: Dataset, batch_size: int, workers: int, max_batches: int, se
 
 def bench_data(args: argparse.Namespace) -> str:
     classes = [canonical(c) for c in args.classes.split(",")]
-    cfg = {"name": "folder", "root": str(args.root), "image_size": args.data_size, "include": args.include,
-           "cache_dir": args.cache_dir, "split": {"val": 0.1, "test": 0.2, "seed": 0, "official": True}}
+    cfg = OmegaConf.merge(compose(["data=folder"]).data,
+                          {"root": str(args.root), "image_size": args.data_size, "include": args.include,
+                           "cache_dir": args.cache_dir})
     la0 = loadavg()
     seen: list[str] = []
 

@@ -2,7 +2,7 @@
 
 The systems are built the way ``augment train`` builds them: the config is composed by Hydra
 (``generator=<family> data.image_size=<px> classifier=<c-model>``, i.e. the default widths of
-``configs/generator/*.yaml``), completed by ``augment.stages.train.model_config`` (classes; UCGAN's
+``configs/generator/*.yaml``), completed by ``augment.models.model_config`` (classes; UCGAN's
 classifier C gets the classes plus ``No Finding``) and instantiated by ``augment.config.build``.
 
 Direct: ``system.training_step(batch, opts, step=s, generator=g)`` in a timed loop on one fixed
@@ -42,8 +42,8 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from augment.config import build, compose, to_dict  # noqa: E402
-from augment.stages.train import model_config  # noqa: E402
-from generators.train import fit  # noqa: E402
+from augment.models import model_config  # noqa: E402
+from generators.train import LogConfig, LoopConfig, fit  # noqa: E402
 
 
 def loadavg() -> str:
@@ -79,7 +79,7 @@ def sync(device: torch.device) -> None:
 
 def build_system(family: str, size: int, classes: list[str], c_model: str, overrides: list[str]) -> tuple[nn.Module, dict]:
     cfg = compose([f"generator={family}", f"data.image_size={size}", f"classifier={c_model}", *overrides])
-    mcfg = model_config("generator", to_dict(cfg.generator), classes)
+    mcfg = model_config(to_dict(cfg.generator), classes)
     torch.manual_seed(0)
     return build(mcfg), mcfg
 
@@ -143,9 +143,9 @@ def through_fit(system: nn.Module, size: int, k: int, args: argparse.Namespace, 
     ds = RandomImages(max(256, 4 * args.batch_size), size, k)
     total = args.warmup + args.steps
     t0 = time.perf_counter()
-    fit(system, ds, batch_size=args.batch_size, max_steps=total, device=device, seed=0, ckpt_dir=None,
-        ema_decay=0.999, amp=args.amp, balanced=True, num_workers=0, log_every=1, on_metrics=on_metrics,
-        progress=False)
+    fit(system, ds, LoopConfig(batch_size=args.batch_size, max_steps=total, device=device, seed=0, ema_decay=0.999,
+                               amp=args.amp, balanced=True),
+        logs=LogConfig(every=1, on_metrics=on_metrics, progress=False))
     wall = time.perf_counter() - t0
     intervals = [b - a for a, b in zip(stamps[args.warmup - 1:], stamps[args.warmup:])] if args.warmup >= 1 else \
         [b - a for a, b in zip(stamps, stamps[1:])]
@@ -155,11 +155,12 @@ def through_fit(system: nn.Module, size: int, k: int, args: argparse.Namespace, 
 def loop_parts(system: nn.Module, size: int, k: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Median seconds of fit's per-step work besides training_step: batch indices + items + collate +
     to_batch, and the EMA update of G."""
-    from generators.train import StepBatchSampler, balanced_weights, collate, make_ema, to_batch, update_ema
+    from cxrbase import balanced_weights, collate
+    from generators.train import StepBatchSampler, make_ema, to_batch, update_ema
 
     ds = RandomImages(max(256, 4 * args.batch_size), size, k)
     sampler = StepBatchSampler(len(ds), args.batch_size, seed=0, stop_step=10**6,
-                               weights=balanced_weights(torch.as_tensor(ds.labels)))
+                               weights=balanced_weights(ds.labels))
     system.to(device)
     ema = make_ema(system.G)
     out = {}

@@ -239,7 +239,8 @@ def bench_parts(args: argparse.Namespace) -> str:
     from PIL import Image
     from scipy import ndimage
 
-    from augment.stages.generate import stream_id, write_png
+    from augment.jobs.shards import stream_id
+    from cxrbase import write_png
     from generators.masks import diff_to_mask
     from generators.train import derive_seed
 

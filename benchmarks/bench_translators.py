@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from augment.config import build, compose, to_dict  # noqa: E402
-from augment.stages.train import model_config  # noqa: E402
+from augment.models import model_config  # noqa: E402
 from bench_gan import loadavg, machine, sync, table  # noqa: E402
 
 QUICKSTART = {"fixed_point": ["translator.g_width=16", "translator.d_width=16", "translator.n_res=2"],
@@ -39,7 +39,7 @@ QUICKSTART = {"fixed_point": ["translator.g_width=16", "translator.d_width=16", 
 def build_translator(family: str, size: int, classes: list[str], overrides: list[str]) -> torch.nn.Module:
     cfg = compose([f"translator={family}", f"data.image_size={size}", *overrides])
     torch.manual_seed(0)
-    return build(model_config("translator", to_dict(cfg.translator), classes))
+    return build(model_config(to_dict(cfg.translator), classes))
 
 
 def time_steps(system: torch.nn.Module, size: int, k: int, args: argparse.Namespace, device: torch.device) -> list[float]:

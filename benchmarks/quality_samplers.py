@@ -47,9 +47,10 @@ sys.path.insert(0, str(ROOT))
 from augment.cli import main as augment_main  # noqa: E402
 from augment.config import compose  # noqa: E402
 from augment.data.sources import load_table  # noqa: E402
-from augment.stages.common import markdown_table, resolve_classes  # noqa: E402
-from augment.stages.train import load_model, training_rows  # noqa: E402
-from classifiers.data import to_x  # noqa: E402
+from augment.common import markdown_table, resolve_classes  # noqa: E402
+from augment.jobs.gan import training_rows  # noqa: E402
+from augment.models import load_model  # noqa: E402
+from cxrbase import to_x  # noqa: E402
 from classifiers.evaluate import evaluate  # noqa: E402
 from classifiers.model import load_classifier  # noqa: E402
 

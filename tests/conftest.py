@@ -26,3 +26,4 @@ def cxr_real() -> Path:
     if not (CXR_REAL / "labels.csv").is_file():
         pytest.skip("../shared/data/cxr-real is not beside the project")
     return CXR_REAL
+

@@ -111,7 +111,7 @@ class MixedBatchSampler(Sampler[list[int]]):
         generator: source of all randomness; each ``iter()`` continues from its state.
         num_batches: batches per epoch (default as above).
         real_weights: optional per-real-item sampling weights (class-balanced sampling of the real
-            part, e.g. ``classifiers.train.balanced_sample_weights``): real indices are then drawn
+            part, e.g. ``cxrbase.balanced_weights``): real indices are then drawn
             with replacement in proportion to them; the synthetic stream and the ratio are unchanged.
 
     Raises:

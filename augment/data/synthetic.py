@@ -1,4 +1,5 @@
-"""Read a synthetic dataset folder (what ``augment generate`` writes) as a plain torch Dataset.
+"""The synthetic dataset format: its writer (what ``augment generate`` finishes with) and its reader,
+a plain torch Dataset, sharing one set of column names.
 
 The folder format (ARCHITECTURE.md)::
 
@@ -26,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,12 +38,56 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from augment.data.labels import NO_FINDING, VOCABULARY, canonical, multi_hot, parse_classes, parse_finding_labels
+from augment.common import write_json
+from augment.data.labels import (NO_FINDING, VOCABULARY, canonical, finding_string, multi_hot, parse_classes,
+                                 parse_finding_labels)
 
 log = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "file")
+FORMAT = "augment synthetic dataset v1"
+# labels.csv columns (NIH's first: ChestX-ray14 loaders read the file as is)
+IMAGE_INDEX, FINDING_LABELS, PATIENT_ID = "Image Index", "Finding Labels", "Patient ID"
+FILE, MASK, GENERATOR, SEED = "file", "mask", "generator", "seed"
 PROB_PREFIX = "p_"
+REQUIRED_COLUMNS = (IMAGE_INDEX, FINDING_LABELS, FILE)
+
+
+def write_dataset(out: Path, shards: Path, rows: list[dict], classes: list[str], *, generator: str, seed: int,
+                  counts: dict[str, int], rejected: int, threshold: float, config: dict, versions: dict,
+                  checkpoints: dict, timings: dict) -> dict:
+    """Finish a synthetic dataset folder from complete shards: move the kept files out of ``shards``,
+    write labels.csv and dataset.json, drop the shards.
+
+    ``rows``: the kept samples in order, each ``{"id", "attempt", "labels", "probs", "masks", "shard"}``
+    (files relative to their shard folder). Idempotent: a write interrupted half-way is completed by
+    calling it again (``augment generate --resume``). Returns the card (dataset.json).
+    """
+    (out / "images").mkdir(exist_ok=True)
+    (out / "masks").mkdir(exist_ok=True)
+    table = []
+    for r in rows:
+        src = shards / r["shard"]
+        for rel in [f"images/{r['id']}.png", *r["masks"]]:
+            if (src / rel).exists():
+                os.replace(src / rel, out / rel)
+        vec = np.array([1.0 if c in r["labels"] else 0.0 for c in classes])
+        table.append({IMAGE_INDEX: f"{r['id']}.png", FINDING_LABELS: finding_string(vec, classes),
+                      PATIENT_ID: r["id"], FILE: f"images/{r['id']}.png", MASK: "|".join(r["masks"]),
+                      **{f"{PROB_PREFIX}{c}": round(float(p), 6) for c, p in zip(classes, r["probs"])},
+                      GENERATOR: generator, SEED: f"{int(seed)}:{r['attempt']}"})
+    df = pd.DataFrame(table).sort_values(IMAGE_INDEX, kind="stable")
+    tmp = out / ".labels.csv.tmp"
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, out / "labels.csv")
+    card = {"format": FORMAT, "n": sum(counts.values()), "classes": classes, "counts": counts, "rejected": rejected,
+            "threshold": threshold, "image_size": None, "checkpoints": checkpoints, "config": config,
+            "versions": versions, "timings": timings}
+    if table:
+        with Image.open(out / table[0][FILE]) as im:
+            card["image_size"] = im.size[0]
+    write_json(out / "dataset.json", card)
+    shutil.rmtree(shards, ignore_errors=True)
+    return card
 
 
 def _mask_class(mask_path: str, image_id: str) -> str:
@@ -99,14 +145,14 @@ class SyntheticDataset(Dataset):
             table = pd.read_csv(csv, dtype=str, keep_default_na=False)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise ValueError(f"{where}: labels.csv cannot be parsed: {str(exc).splitlines()[0]}") from None
-        needed = [*REQUIRED_COLUMNS, *(["mask"] if with_masks else [])]
+        needed = [*REQUIRED_COLUMNS, *([MASK] if with_masks else [])]
         missing = [c for c in needed if c not in table.columns]
         if missing:
             raise ValueError(f"{where}: labels.csv lacks column(s) {', '.join(missing)}")
 
-        self.ids = [Path(v).stem if v else "" for v in table["Image Index"]]
+        self.ids = [Path(v).stem if v else "" for v in table[IMAGE_INDEX]]
         self.files = []
-        for row, rel in enumerate(table["file"]):
+        for row, rel in enumerate(table[FILE]):
             if not rel.strip():
                 raise ValueError(f"{where}: labels.csv row {row + 2} has an empty file column")
             self.files.append(self.root / rel.strip())
@@ -115,7 +161,7 @@ class SyntheticDataset(Dataset):
             raise ValueError(f"{where}: {len(absent)} image file(s) missing, first {absent[0].relative_to(self.root)}")
 
         try:
-            self._findings = [parse_finding_labels(v) for v in table["Finding Labels"]]
+            self._findings = [parse_finding_labels(v) for v in table[FINDING_LABELS]]
         except ValueError as exc:
             raise ValueError(f"{where}: labels.csv Finding Labels: {exc}") from None
         # Probabilities per canonical class, from every p_ column in the CSV.
@@ -130,7 +176,7 @@ class SyntheticDataset(Dataset):
 
         self._masks: list[dict[str, Path]] = []
         if with_masks:
-            for row, (cell, image_id) in enumerate(zip(table["mask"], self.ids)):
+            for row, (cell, image_id) in enumerate(zip(table[MASK], self.ids)):
                 found: dict[str, Path] = {}
                 for rel in (p.strip() for p in cell.split("|")):
                     if not rel:
@@ -144,9 +190,9 @@ class SyntheticDataset(Dataset):
                         raise ValueError(f"{where}: mask file {rel} is missing")
                     found[name] = path
                 self._masks.append(found)
-        self.generators = list(table["generator"]) if "generator" in table.columns else [""] * len(table)
-        self.seeds = [int(s) if s.strip().lstrip("-").isdigit() else None for s in table["seed"]] \
-            if "seed" in table.columns else [None] * len(table)
+        self.generators = list(table[GENERATOR]) if GENERATOR in table.columns else [""] * len(table)
+        self.seeds = [int(s) if s.strip().lstrip("-").isdigit() else None for s in table[SEED]] \
+            if SEED in table.columns else [None] * len(table)
 
         if classes is None:
             card_classes = self.card.get("classes")
@@ -267,4 +313,4 @@ class SyntheticDataset(Dataset):
                 f"threshold={self.threshold})")
 
 
-__all__ = ["SyntheticDataset"]
+__all__ = ["FORMAT", "PROB_PREFIX", "REQUIRED_COLUMNS", "SyntheticDataset", "write_dataset"]

@@ -6,13 +6,15 @@ import logging
 import time
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 from omegaconf import DictConfig
 
 from augment.data.labels import NO_FINDING, VOCABULARY
 from augment.data.sources import load_table
 from augment.data.table import SPLITS, DataTable
-from augment.stages.common import print_table, resolve_classes
+from augment.common import print_table, resolve_classes
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +22,7 @@ log = logging.getLogger(__name__)
 def sample_grid(table: DataTable, classes: list[str], path: Path, *, per_class: int = 4, seed: int = 0) -> Path:
     """A PNG grid: one row per class (plus a healthy row), lesion masks outlined in red, lung
     fields (where known) in faint cyan."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    matplotlib.use("Agg")  # files only, never a window
     rng = np.random.default_rng(seed)
     rows = [*classes] + ([NO_FINDING] if NO_FINDING not in classes and table.labelled_classes().count(NO_FINDING) else [])
     fig, axes = plt.subplots(len(rows), per_class, figsize=(1.9 * per_class, 1.9 * len(rows)), squeeze=False)

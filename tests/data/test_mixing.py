@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from augment.data.mixing import MixedBatchSampler, MixedDataset
-from classifiers.data import collate_items
+from cxrbase import collate
 from classifiers.train import masked_bce_with_logits, train_classifier
 
 
@@ -109,10 +109,10 @@ def test_weights_reach_the_loss() -> None:
     real, syn = Items(6, seed=0), Items(6, seed=1, flip=True)  # synthetic labels contradict the real ones
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 1))
-    real_only = _grad(model, collate_items([real[i] for i in range(6)]))
+    real_only = _grad(model, collate([real[i] for i in range(6)]))
     for xi, same in ((0.0, True), (0.5, False)):
         ds = MixedDataset(real, syn, xi=xi)
-        mixed = _grad(model, collate_items([ds[i] for i in range(12)]))
+        mixed = _grad(model, collate([ds[i] for i in range(12)]))
         assert torch.allclose(mixed, real_only, atol=1e-7) == same
 
 
@@ -140,9 +140,9 @@ def test_real_weights_balance_the_real_part_and_keep_the_ratio() -> None:
     # 90 real items of which 10 positive: with balanced weights the positives fill about half of the real slots
     labels = np.zeros((90, 1), dtype=np.float32)
     labels[:10] = 1
-    from classifiers.train import balanced_sample_weights
+    from cxrbase import balanced_weights
 
-    w = balanced_sample_weights(labels)
+    w = balanced_weights(labels)
     s = MixedBatchSampler(90, 30, batch_size=16, ratio=1.0, generator=torch.Generator().manual_seed(0),
                           real_weights=w, num_batches=200)
     real = [i for b in s for i in b if i < 90]

@@ -227,3 +227,34 @@ def test_plugs_into_a_plain_pytorch_training_loop(tmp_path: Path) -> None:
         epoch_losses.append(total / len(dataset))
     assert batch["image"].shape[1:] == (1, 32, 32) and batch["masks"].shape[1:] == (2, 32, 32)
     assert epoch_losses[-1] < 0.7 * epoch_losses[0], epoch_losses
+
+
+def test_the_writer_and_the_reader_share_the_format(tmp_path):
+    """write_dataset turns shard rows into the folder that SyntheticDataset reads back: same ids,
+    labels, probabilities and masks; the shards are gone."""
+    from augment.data.synthetic import FORMAT, IMAGE_INDEX, write_dataset
+    from cxrbase import write_png
+
+    shards, out = tmp_path / "set" / ".shards", tmp_path / "set"
+    rows = []
+    for k, (name, labels) in enumerate([("edema-00000001", ["Edema"]), ("hernia-00000002", ["Hernia"])]):
+        shard = shards / f"s{k}"
+        write_png(shard / "images" / f"{name}.png", np.full((32, 32), 40 + k, np.uint8))
+        masks = []
+        for c in labels:
+            write_png(shard / "masks" / f"{name}_{c}.png", np.full((32, 32), 255, np.uint8))
+            masks.append(f"masks/{name}_{c}.png")
+        rows.append({"id": name, "attempt": k, "labels": labels, "masks": masks, "shard": f"s{k}",
+                     "probs": [0.9 if c in labels else 0.1 for c in CLASSES]})
+    card = write_dataset(out, shards, rows, CLASSES, generator="cgan", seed=3, counts={"Edema": 1, "Hernia": 1},
+                         rejected=5, threshold=0.5, config={}, versions={}, checkpoints={}, timings={})
+    assert card["format"] == FORMAT and card["n"] == 2 and card["image_size"] == 32 and not shards.exists()
+    ds = SyntheticDataset(out)
+    assert ds.ids == ["edema-00000001", "hernia-00000002"] and ds.classes == CLASSES
+    assert ds.labels.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert np.allclose(ds.probs, [[0.9, 0.1], [0.1, 0.9]])
+    item = ds[1]
+    assert int(item["image"][0, 0, 0]) == 41 and item["masks"][1].all() and not item["masks"][0].any()
+    with open(out / "labels.csv") as fh:
+        header = next(csv.reader(fh))
+    assert header[0] == IMAGE_INDEX and "seed" in header

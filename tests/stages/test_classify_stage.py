@@ -3,6 +3,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+
+from cfg_helpers import data_cfg
 from PIL import Image
 
 from augment.cli import main
@@ -65,10 +67,10 @@ def test_classify_refuses_a_folder_that_is_not_synthetic(in_tmp, tiny, capsys):
 
 def test_limit_positives_is_one_fixed_subset_for_every_model():
     from augment.data.sources import load_table
-    from augment.stages.classify import limited_train_indices
-    from augment.stages.train import training_rows
+    from augment.jobs.classifier import limited_train_indices
+    from augment.jobs.gan import training_rows
 
-    table = load_table({"name": "phantom", "n": 300, "image_size": 32, "prevalence": {"Edema": 0.3}})
+    table = load_table(data_cfg(n=300, image_size=32, prevalence={"Edema": 0.3}))
     cfg = {"classify": {"limit_positives": {"edema": 5}, "limit_seed": 0}}
     rows = limited_train_indices(table, cfg)
     assert (table.column("Edema")[rows] == 1).sum() == 5
@@ -83,9 +85,9 @@ def test_limit_positives_is_one_fixed_subset_for_every_model():
 def test_negatives_no_finding_keeps_only_the_selected_findings_and_no_finding():
     from augment.data.sources import load_table
     from augment.errors import UserError
-    from augment.stages.classify import selected_rows
+    from augment.jobs.classifier import selected_rows
 
-    table = load_table({"name": "phantom", "n": 300, "image_size": 32, "prevalence": {"Edema": 0.3, "Hernia": 0.3}})
+    table = load_table(data_cfg(n=300, image_size=32, prevalence={"Edema": 0.3, "Hernia": 0.3}))
     idx = table.indices()
     assert (selected_rows(table, ["Edema"], "all")(idx) == idx).all()
     kept = selected_rows(table, ["Edema"], "no_finding")(idx)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+from cfg_helpers import data_cfg
 from PIL import Image
 
 from augment.cli import main
@@ -55,7 +57,7 @@ def test_generate_writes_the_synthetic_format_and_reads_back(models, tmp_path):
     assert (df["p_Edema"][df["Image Index"].str.startswith("edema")] >= 0.1).all()
     ds = SyntheticDataset(out)
     assert len(ds) == 20 and ds[0]["image"].shape == (1, 32, 32)
-    table = load_table({"name": "folder", "root": str(out), "image_size": 32, "cache": False})
+    table = load_table(data_cfg("folder", root=str(out), image_size=32, cache=False))
     assert len(table) == 20 and "Edema" in table.lesion_masks
     assert main(["classify", *TRAIN, "--synthetic", str(out), "--out", str(tmp_path / "cls")]) == 0
     m = json.loads((tmp_path / "cls" / "metrics.json").read_text())
@@ -121,7 +123,7 @@ def test_no_models_names_the_train_command(tmp_path, monkeypatch, capsys):
 
 
 def test_disk_full_ends_clearly_without_a_partial_shard(models, tmp_path, capsys, monkeypatch):
-    import augment.stages.generate as gen
+    import augment.jobs.shards as gen
 
     calls = {"n": 0}
     real = gen.write_png
@@ -168,7 +170,7 @@ def test_killed_run_resumes_to_exactly_n_identical_images(models, tmp_path):
 def test_a_class_short_of_its_quota_is_refused_unless_allow_short(models, tmp_path, monkeypatch, capsys):
     import torch
 
-    from augment.stages import generate as gen
+    from augment.jobs import shards as gen
 
     def only_edema(self, x):  # a labeller that never finds Hernia
         p = torch.zeros(len(x), len(self.classes))
@@ -186,3 +188,20 @@ def test_a_class_short_of_its_quota_is_refused_unless_allow_short(models, tmp_pa
     assert (df["Finding Labels"] == "Edema").all()
     card = json.loads((tmp_path / "short" / "dataset.json").read_text())
     assert card["counts"] == {"Edema": 4, "Hernia": 0} and card["n"] == 4
+
+
+def test_the_driver_reads_each_shard_file_once(models, tmp_path, monkeypatch):
+    """Polling rounds reuse the parsed shard.json of complete shards instead of re-reading them."""
+    reads: dict[str, int] = {}
+    real = Path.read_text
+
+    def counting(self, *a, **kw):
+        if self.name == "shard.json":
+            reads[str(self)] = reads.get(str(self), 0) + 1
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", counting)
+    out = tmp_path / "once"
+    assert main(["generate", *GEN, "--n", "12", "--models", str(models), "--out", str(out)]) == 0
+    check_dataset(out, 12)
+    assert reads and max(reads.values()) == 1

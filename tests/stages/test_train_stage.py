@@ -7,7 +7,7 @@ import torch
 
 from augment.cli import main
 from augment.config import compose, to_dict
-from augment.stages.train import LATEST, find_models, load_model
+from augment.models import LATEST, find_models, load_model
 from generators.checkpoint import load_checkpoint
 
 
@@ -110,7 +110,7 @@ def test_parallel_ray_actors_and_a_killed_actor_resumes_to_the_final_step(in_tmp
                "out": str(out)}
     runtime.init(cfg.runtime)
     try:
-        actor = runtime.actor_class(cfg.runtime).remote("augment.stages.train:train_one")
+        actor = runtime.actor_class(cfg.runtime).remote("augment.jobs.gan:train_model")
         first_pid = ray.get(actor.pid.remote())
         ref = actor.run.remote(payload)
         deadline = time.time() + 120

@@ -1,4 +1,5 @@
-"""Helpers shared by the stages: class selection, output files, versions."""
+"""Helpers below the stages (every stage, the pipeline, search and the report use them): class
+selection, JSON and table output, versions."""
 
 from __future__ import annotations
 

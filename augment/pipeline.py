@@ -1,5 +1,7 @@
 """`augment run experiment=<name>`: the whole flow and the report.
 
+Not a stage: it calls the stages (train, classify, generate, evaluate) in order, so it lives above them.
+
 train (samplers, translator and the pseudo-labelling classifier in parallel Ray actors) ->
 baseline (real-only classifiers over seeds) -> generate (pseudo-labeled images with masks) ->
 augmented (real + synthetic classifiers over the same seeds) -> evaluate (FID/KID/IS/PR, class
@@ -23,9 +25,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from augment.config import compose, save_config, to_dict
+from augment.common import resolve_classes, write_json
+from augment.config import save_config, to_dict
 from augment.errors import UserError
-from augment.stages.common import write_json
+from augment.report import build_report
+from augment.stages import classify as classify_stage
+from augment.stages import evaluate as evaluate_stage
+from augment.stages import generate as generate_stage
+from augment.stages import train as train_stage
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +70,9 @@ def _with(cfg: DictConfig, **values: Any) -> DictConfig:
 
 
 def run(cfg: DictConfig, out: Path, overrides: list[str] | None = None) -> dict:
-    """The ``augment run`` stage."""
-    from augment.stages import classify as classify_stage
-    from augment.stages import evaluate as evaluate_stage
-    from augment.stages import generate as generate_stage
-    from augment.stages import train as train_stage
-    from augment.stages.common import resolve_classes
-
+    """``augment run``: every stage in order, each skipped when its inputs did not change."""
     rcfg = cfg.run
-    start = str(rcfg.get("from_step") or "")
+    start = str(rcfg.from_step or "")
     if start and start not in STEPS:
         raise UserError(f"--from {start}: choose one of {', '.join(STEPS)}")
     resolve_classes(cfg.classes)
@@ -125,8 +126,6 @@ def run(cfg: DictConfig, out: Path, overrides: list[str] | None = None) -> dict:
             metrics = evaluate_stage.evaluate(step_cfg, folder)
             summary = {"image_quality": (metrics.get("image_quality") or {}).get("overall")}
         else:
-            from augment.report import build_report
-
             step_cfg = cfg
             paths = build_report(out, to_dict(cfg), {k: v for k, v in timings.items()})
             metrics = {k: str(v) for k, v in paths.items()}
@@ -147,4 +146,4 @@ def default_out(cfg: DictConfig) -> str:
     return str(Path("runs") / "run" / str(cfg.get("choices", {}).get("experiment") or "default"))
 
 
-__all__ = ["run", "STEPS", "compose"]
+__all__ = ["run", "STEPS", "default_out"]

@@ -1,0 +1,71 @@
+"""The model store: capabilities come from the family class, never from its name."""
+
+from __future__ import annotations
+
+import pytest
+
+from augment.errors import UserError
+from augment.models import describe, family_class, model_classes, model_config, peek
+from cfg_helpers import full_cfg
+from generators.cgan import CGAN
+from generators.ucgan import UCGAN
+
+FAMILIES = {
+    "generators.cgan.CGAN": ("sampler", True, False),
+    "generators.ucgan.UCGAN": ("sampler", False, True),
+    "generators.translators.fixed_point.FixedPointGAN": ("translator", True, False),  # translate(x, target)
+    "generators.translators.taggan.TagGAN": ("translator", True, False),
+    "generators.translators.branched.BranchedGAN": ("translator", True, False),
+}
+
+
+@pytest.mark.parametrize("target", sorted(FAMILIES))
+def test_every_family_declares_its_capabilities(target):
+    cls = family_class(target)
+    kind, conditional, adds_no_finding = FAMILIES[target]
+    assert (cls.kind, bool(cls.conditional), bool(cls.adds_no_finding)) == (kind, conditional, adds_no_finding)
+
+
+def test_model_classes_read_the_class_attribute_not_the_name(monkeypatch):
+    cgan_cfg = full_cfg("generator=cgan")["generator"]
+    assert model_classes(cgan_cfg, ["Edema"]) == ["Edema"]
+    ucgan = model_config(full_cfg("generator=ucgan")["generator"], ["Edema", "Hernia"])
+    assert ucgan["classes"] == ["Edema", "Hernia", "No Finding"] and ucgan["classifier"]["num_classes"] == 3
+    # a family that says it adds a No Finding class gets one, whatever its name
+    monkeypatch.setattr(CGAN, "adds_no_finding", True)
+    assert model_classes(cgan_cfg, ["Edema"]) == ["Edema", "No Finding"]
+
+
+def test_targets_outside_the_allow_list_are_refused():
+    with pytest.raises(UserError, match="refusing to instantiate"):
+        family_class("os.system")
+    with pytest.raises(UserError, match="does not exist"):
+        family_class("generators.cgan.NoSuchFamily")
+
+
+def test_describe_reads_metadata_and_capabilities(tmp_path, monkeypatch):
+    import torch
+
+    from augment.config import build
+    from generators.checkpoint import save_checkpoint
+
+    cfg = model_config(full_cfg("generator=ucgan", "generator.g_channels=4", "generator.d_channels=4",
+                                "generator.z_dim=8", "classifier=tiny")["generator"], ["Edema"])
+    cfg["image_size"] = 32
+    system = build(cfg)
+    path = tmp_path / "ucgan" / "checkpoint.pt"
+    save_checkpoint(path, {"model_cfg": cfg, "classes": cfg["classes"], "image_size": 32, "step": 7,
+                           "state_dict": system.state_dict()})
+    info = describe(path)
+    assert (info.family, info.kind, info.conditional, info.step, info.image_size) == ("ucgan", "sampler", False, 7, 32)
+    assert info.findings == ["Edema"]
+    monkeypatch.setattr(UCGAN, "conditional", True)  # the capability is read from the class
+    assert describe(path).conditional is True
+    assert isinstance(peek(path)["state_dict"], dict)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="corrupt, truncated or not a checkpoint"):
+        peek(bad)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "plain.pt")
+    with pytest.raises(UserError, match="no model_cfg"):
+        peek(tmp_path / "plain.pt")
