@@ -155,7 +155,7 @@ class SyntheticDataset(Dataset):
         for row, rel in enumerate(table[FILE]):
             if not rel.strip():
                 raise ValueError(f"{where}: labels.csv row {row + 2} has an empty file column")
-            self.files.append(self.root / rel.strip())
+            self.files.append(self._inside(rel.strip(), where))
         absent = [f for f in self.files if not f.is_file()]
         if absent:
             raise ValueError(f"{where}: {len(absent)} image file(s) missing, first {absent[0].relative_to(self.root)}")
@@ -185,7 +185,7 @@ class SyntheticDataset(Dataset):
                         name = _mask_class(rel, image_id)
                     except ValueError as exc:
                         raise ValueError(f"{where}: labels.csv row {row + 2}: {exc}") from None
-                    path = self.root / rel
+                    path = self._inside(rel, where)
                     if not path.is_file():
                         raise ValueError(f"{where}: mask file {rel} is missing")
                     found[name] = path
@@ -210,6 +210,15 @@ class SyntheticDataset(Dataset):
             raise ValueError(f"{where}: {exc}") from None
         self.threshold: float | None = None
         self._set_labels(threshold, where)
+
+    def _inside(self, rel: str, where: str) -> Path:
+        """``root / rel``, refused when it leaves the folder (``../``, an absolute path, a symlink out):
+        a labels.csv from elsewhere must not make the reader open files outside the set."""
+        path = (self.root / rel).resolve()
+        if not path.is_relative_to(self.root):
+            raise ValueError(f"{where}: labels.csv names '{rel}', which is outside the folder; "
+                             "paths must be relative to the set (images/..., masks/...)")
+        return path
 
     def _read_card(self, where: str) -> dict[str, Any]:
         path = self.root / "dataset.json"

@@ -258,3 +258,32 @@ def test_the_writer_and_the_reader_share_the_format(tmp_path):
     with open(out / "labels.csv") as fh:
         header = next(csv.reader(fh))
     assert header[0] == IMAGE_INDEX and "seed" in header
+
+
+@pytest.mark.parametrize("column", ["file", "mask"])
+@pytest.mark.parametrize("escape", ["../outside/x_Edema.png", "ABSOLUTE", "/etc/passwd_Edema.png", "LINK"])
+def test_paths_that_leave_the_folder_are_refused(tmp_path, column, escape):
+    """A labels.csv naming a file outside the set (../, absolute, a symlink out) is refused with one
+    line, never read."""
+    root = tmp_path / "set"
+    write_folder(root, n=2)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(outside / "x_Edema.png")
+    if escape == "ABSOLUTE":
+        escape = str(outside / "x_Edema.png")
+    elif escape == "LINK":
+        (root / "masks" / "link_Edema.png").symlink_to(outside / "x_Edema.png")
+        escape = "masks/link_Edema.png"
+    with open(root / "labels.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    if column == "mask":
+        rows[0]["mask"] = escape
+    else:
+        rows[0]["file"] = escape
+    with open(root / "labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(ValueError, match="outside the folder"):
+        SyntheticDataset(root)
