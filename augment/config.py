@@ -22,7 +22,16 @@ from omegaconf.errors import OmegaConfBaseException
 from augment.errors import UserError
 
 PRIMARY = "augment"
-ALLOWED_TARGET_PREFIXES = ("generators.", "classifiers.", "timm.", "torch.")
+# Exact targets, not prefixes: anything under ``torch.`` would admit torch.hub.load, torch.load or
+# torch.utils.cpp_extension.load_inline, i.e. code execution from a config or a checkpoint's model_cfg.
+ALLOWED_TARGETS = frozenset({
+    "generators.cgan.CGAN",
+    "generators.ucgan.UCGAN",
+    "generators.translators.fixed_point.FixedPointGAN",
+    "generators.translators.taggan.TagGAN",
+    "generators.translators.branched.BranchedGAN",
+    "classifiers.model.create_classifier",
+})
 
 
 def config_dir() -> Path:
@@ -65,6 +74,7 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     except (HydraException, OmegaConfBaseException) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"bad configuration override: {first} (see `augment --help` for the syntax key=value)") from None
+    check_targets(cfg)  # a `_target_` given on the command line or in a search's best.yaml is refused here
     return cfg
 
 
@@ -76,15 +86,15 @@ def to_dict(cfg: DictConfig | dict) -> dict[str, Any]:
 
 
 def check_targets(node: Any) -> None:
-    """Refuse any ``_target_`` outside our packages, timm and torch (a config can run code)."""
+    """Refuse any ``_target_`` that is not one of :data:`ALLOWED_TARGETS` (a config can run code)."""
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)
     if isinstance(node, dict):
         target = node.get("_target_")
-        if target is not None and not str(target).startswith(ALLOWED_TARGET_PREFIXES):
+        if target is not None and str(target) not in ALLOWED_TARGETS:
             raise UserError(
-                f"refusing to instantiate '{target}': configs may only target "
-                f"{', '.join(p + '*' for p in ALLOWED_TARGET_PREFIXES)}"
+                f"refusing to instantiate '{target}': configs may only build augment's models "
+                f"({', '.join(sorted(t.rsplit('.', 1)[-1] for t in ALLOWED_TARGETS))})"
             )
         for value in node.values():
             check_targets(value)

@@ -43,6 +43,8 @@ def sha256(path: Path) -> str:
 
 def family_class(target: str) -> type:
     """The class a config's ``_target_`` names (allow-listed like :func:`augment.config.build`)."""
+    if not isinstance(target, str) or not target:
+        raise UserError(f"model config has no _target_ ({target!r}): not an augment model; retrain it")
     check_targets({"_target_": target})
     module, _, name = str(target).rpartition(".")
     try:
@@ -106,7 +108,10 @@ def peek(path: Path) -> dict:
 def describe(path: Path, ckpt: dict | None = None) -> ModelInfo:
     """Describe a GAN checkpoint from its stored config and its family class."""
     ckpt = peek(path) if ckpt is None else ckpt
-    cls = family_class(ckpt["model_cfg"]["_target_"])
+    cls = family_class(ckpt["model_cfg"].get("_target_"))
+    if getattr(cls, "kind", None) not in ("sampler", "translator"):
+        raise UserError(f"{path} is not a GAN checkpoint (its model is {ckpt['model_cfg'].get('_target_')}): "
+                        "point to a models/<family>/checkpoint.pt of augment train")
     return ModelInfo(family=path.parent.name, kind=cls.kind, conditional=bool(cls.conditional),
                      classes=list(ckpt.get("classes") or []), image_size=int(ckpt.get("image_size") or 0),
                      step=int(ckpt.get("step") or 0), path=path)
@@ -119,9 +124,20 @@ def _read(path: Path) -> dict:
         raise UserError(f"cannot load {path}: {exc}") from None
 
 
-def load_model(path: Path) -> tuple[Any, dict]:
-    """Rebuild a model from its checkpoint's own config (weights_only) with EMA weights, eval mode."""
+def load_model(path: Path, kind: str | None = None) -> tuple[Any, dict]:
+    """Rebuild a model from its checkpoint's own config (weights_only) with EMA weights, eval mode.
+
+    ``kind`` (``sampler`` / ``translator``): refuse a checkpoint of the other kind before building it.
+    The stored ``_target_`` must be one of the allow-listed families (:func:`augment.config.build`).
+    """
     ckpt = _read(path)
+    if not isinstance(ckpt.get("model_cfg"), dict):
+        raise UserError(f"cannot load {path}: not an augment checkpoint (it has no model_cfg)")
+    if kind is not None:
+        info = describe(path, ckpt)
+        if info.kind != kind:
+            raise UserError(f"{path} holds a {info.kind} ({ckpt['model_cfg']['_target_'].rsplit('.', 1)[-1]}), "
+                            f"not a {kind}: point to the {kind}'s checkpoint")
     system = build(ckpt["model_cfg"])
     apply_checkpoint(system, ckpt, ema=True)
     system.eval()

@@ -57,7 +57,7 @@ def mask_metrics(table: DataTable, classes: list[str], ckpt: Path, mask_cfg: dic
                  figure: Path | None = None) -> dict:
     """Mask metrics of one translator on a split, per finding and overall; with ``figure``, also an
     overlay image of a few lesion images per finding there."""
-    system, ck = load_model(ckpt)
+    system, ck = load_model(ckpt, kind="translator")
     missing = [c for c in classes if c not in system.classes]
     if missing:
         raise UserError(f"translator {ckpt.parent.name} was not trained on {', '.join(missing)} (it knows "

@@ -50,13 +50,13 @@ class ShardWorker:
     def __init__(self, payload: dict) -> None:
         self.p = payload
         self.device = torch.device(payload["device"])
-        self.sampler, ck = load_model(Path(payload["sampler_ckpt"]))
+        self.sampler, ck = load_model(Path(payload["sampler_ckpt"]), kind="sampler")
         self.sampler.to(self.device)
         self.conditional = bool(self.sampler.conditional)
         self.sampler_classes = list(ck["classes"])
         self.translator = None
         if payload.get("translator_ckpt"):
-            self.translator, tk = load_model(Path(payload["translator_ckpt"]))
+            self.translator, tk = load_model(Path(payload["translator_ckpt"]), kind="translator")
             self.translator.to(self.device)
             self.translator_classes = list(tk["classes"])
         self.labeller = None

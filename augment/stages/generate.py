@@ -99,6 +99,8 @@ def generate(cfg: DictConfig, out: Path) -> dict:
                         f"run `augment train generator={g.sampler}` or pass --sampler")
     # Validation reads the checkpoints' metadata only (memory-mapped); the shard workers load the weights.
     sampler = describe(sampler_ckpt)
+    if sampler.kind != "sampler":
+        raise UserError(f"{sampler_ckpt} holds a {sampler.kind}, not a sampler: pass --sampler cgan or ucgan")
     missing = [c for c in classes if c not in sampler.classes]
     if missing:
         raise UserError(f"the {g.sampler} sampler in {models} does not cover {', '.join(missing)} (it covers "
@@ -126,7 +128,11 @@ def generate(cfg: DictConfig, out: Path) -> dict:
         if not translator_ckpt.is_file():
             raise UserError(f"no {g.translator} translator in {models}: run `augment train translator={g.translator}` "
                             "or pass --translator none for images without masks")
-        known = describe(translator_ckpt).classes
+        tinfo = describe(translator_ckpt)
+        if tinfo.kind != "translator":
+            raise UserError(f"{translator_ckpt} holds a {tinfo.kind}, not a translator: pass --translator "
+                            "fixed_point, taggan, branched or none")
+        known = tinfo.classes
         missing = [c for c in classes if c not in known]
         if missing:
             raise UserError(f"the {g.translator} translator in {models} was not trained on {', '.join(missing)} (it knows "

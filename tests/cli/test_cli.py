@@ -75,8 +75,10 @@ def test_every_config_group_option_composes_and_targets_are_allowed():
 def test_build_refuses_foreign_targets():
     with pytest.raises(UserError, match="refusing"):
         build({"_target_": "os.system", "command": "true"})
-    lin = build({"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3})
-    assert lin.out_features == 3
+    with pytest.raises(UserError, match="refusing"):  # exact model targets only, not all of torch.*
+        build({"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3})
+    model = build({"_target_": "classifiers.model.create_classifier", "model_name": "tiny", "num_classes": 3})
+    assert model.num_classes == 3
 
 
 def test_configs_ship_in_the_wheel(tmp_path):
