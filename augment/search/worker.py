@@ -7,6 +7,7 @@ stored as FAIL and the study goes on.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -17,6 +18,8 @@ import torch
 
 from augment.search.spaces import SPACES, compose_cached, drop_checkpoints, merge_overrides
 from augment.search.study import make_pruner, make_sampler, make_storage
+
+log = logging.getLogger(__name__)
 
 #: The work unit :func:`augment.runtime.run_all` resolves in each actor.
 TARGET = "augment.search.worker:run_worker"
@@ -65,8 +68,21 @@ def run_worker(payload: dict) -> dict:
             trial.set_user_attr("error", f"objective value not finite: {values}")
         return values if space.multi else values[0]
 
-    study.optimize(objective, n_trials=int(payload["n_trials"]), timeout=payload.get("timeout"),
-                   catch=(Exception,), gc_after_trial=True)
+    remaining = int(payload["n_trials"])
+    while remaining > 0:
+        before = len(ran)
+        try:
+            study.optimize(objective, n_trials=remaining, timeout=payload.get("timeout"),
+                           catch=(Exception,), gc_after_trial=True)
+            break
+        except ValueError as exc:
+            # optuna#4002: two processes can pop the same enqueued (WAITING) trial; the one that finishes
+            # second cannot tell it. The other worker stored it, so drop the duplicate and go on.
+            if not str(exc).startswith("Cannot tell a"):
+                raise
+            duplicate = ran.pop()
+            log.warning("trial %d was also run by another worker (optuna#4002); continuing", duplicate)
+            remaining -= len(ran) - before
     return {"rank": payload["rank"], "pid": pid, "host": host, "trials": ran}
 
 
