@@ -70,9 +70,16 @@ def classify(cfg: DictConfig, out: Path) -> dict:
     """The ``augment classify`` stage."""
     ccfg = cfg.classify
     resolve_classes(cfg.classes)
-    seeds = [int(s) for s in ccfg.seeds]
+    try:
+        seeds = [int(s) for s in ccfg.seeds]
+    except (TypeError, ValueError):
+        raise UserError(f"--seeds {','.join(map(str, ccfg.seeds))}: seeds are integers, e.g. --seeds 0,1,2") from None
     if not seeds:
         raise UserError("no seeds: pass --seeds 0,1,2")
+    for key in ("epochs", "batch_size"):
+        value = ccfg[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"classify.{key}={value}: use a whole number >= 1 (e.g. classify.{key}=5)")
     synthetic = [str(Path(d).expanduser().resolve()) for d in (ccfg.synthetic or [])]
     for d in synthetic:
         if not Path(d).is_dir():

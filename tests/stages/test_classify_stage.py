@@ -96,3 +96,15 @@ def test_negatives_no_finding_keeps_only_the_selected_findings_and_no_finding():
     assert 0 < len(kept) < len(idx)
     with pytest.raises(UserError, match="choose all or no_finding"):
         selected_rows(table, ["Edema"], "others")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["classify.epochs=0"], "classify.epochs=0: use a whole number >= 1"),
+    (["classify.batch_size=-3"], "classify.batch_size=-3"),
+    (["--seeds", "a,b"], "seeds are integers"),
+])
+def test_bad_numbers_are_one_line_and_leave_nothing(in_tmp, tiny, capsys, args, needle):
+    assert main(["classify", *tiny, *args, "--out", "c"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (in_tmp / "c").exists()
