@@ -53,9 +53,22 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
+def _dict_overrides(overrides: Sequence[str]) -> list[str]:
+    """``key={a: 1}`` sets the whole dict: Hydra refuses it on a struct node whose YAML value lacks
+    ``a`` ("Could not override"), so it is given to Hydra as ``~key`` then ``+key={a: 1}``."""
+    out: list[str] = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and "." in key and not key.startswith(("+", "~")) and value.strip().startswith("{"):
+            out += [f"~{key}", f"+{key}={value}"]
+        else:
+            out.append(item)
+    return out
+
+
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
     """Compose the primary config with Hydra overrides; bad overrides become one-line UserErrors."""
-    overrides = list(overrides)
+    overrides = _dict_overrides(overrides)
     for item in overrides:
         key, _, value = item.partition("=")
         group = key.lstrip("+~")

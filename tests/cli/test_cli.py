@@ -92,3 +92,13 @@ def test_configs_ship_in_the_wheel(tmp_path):
     expected = {"augment/configs/" + str(p.relative_to(config_dir())) for p in config_dir().rglob("*.yaml")}
     assert expected and expected <= shipped
     assert "augment/cli.py" in names and "generators/base.py" in names
+
+
+def test_a_dict_valued_setting_takes_the_natural_form():
+    from augment.config import compose
+
+    cfg = compose(["experiment=quickstart", "classify.limit_positives={Pneumonia: 40}"])
+    assert dict(cfg.classify.limit_positives) == {"Pneumonia": 40}  # the whole dict is set
+    assert dict(compose(["data.prevalence={Edema: 0.3}"]).data.prevalence) == {"Edema": 0.3}
+    with pytest.raises(UserError, match="bad configuration override"):
+        compose(["classify.no_such_key={a: 1}"])
