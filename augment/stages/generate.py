@@ -29,7 +29,6 @@ from omegaconf import DictConfig
 from augment import runtime
 from augment.common import markdown_table, resolve_classes, versions
 from augment.config import to_dict
-from augment.data.labels import NO_FINDING
 from augment.data.synthetic import write_dataset
 from augment.errors import UserError
 from augment.jobs.masks import mask_rule
