@@ -16,6 +16,7 @@ from typing import Any
 
 import optuna
 import yaml
+from filelock import FileLock
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
@@ -35,19 +36,55 @@ def redact(url: str) -> str:
         return url
 
 
+class SQLiteStorage(optuna.storages.RDBStorage):
+    """RDB storage on one SQLite file shared by several processes on this machine.
+
+    Optuna claims an enqueued trial by reading its state and writing RUNNING in one transaction
+    with ``SELECT ... FOR UPDATE``, which SQLite ignores: two workers asking at once both claim it,
+    both run it, and the study ends a trial short (optuna#4002; seen in CI). A file lock beside the
+    database makes every state change one at a time, so the second worker sees RUNNING and moves on.
+    PostgreSQL and MySQL honour FOR UPDATE and need none of this.
+    """
+
+    def __init__(self, url: str, lock_path: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._lock_path = lock_path
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        with FileLock(self._lock_path):
+            return super().set_trial_state_values(trial_id, state=state, values=values)
+
+
+def sqlite_path(url: str) -> str | None:
+    """The database file of a ``sqlite:///`` URL; None for an in-memory database or another dialect."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - not a URL: RDBStorage says so
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return parsed.database
+
+
 def make_storage(url: str, heartbeat: float | None = None) -> optuna.storages.RDBStorage:
-    """An RDB storage; SQLite waits for locks (several workers write to one file); a heartbeat lets
-    the next trial mark a dead worker's trial FAIL. Bad URLs become one-line UserErrors."""
+    """An RDB storage; SQLite waits for locks and claims trials under a file lock (several workers
+    write to one file, :class:`SQLiteStorage`); a heartbeat lets the next trial mark a dead worker's
+    trial FAIL. Bad URLs become one-line UserErrors."""
     kwargs: dict[str, Any] = {}
     engine: dict[str, Any] = {}
+    storage_class: Any = optuna.storages.RDBStorage
     if url.startswith("sqlite"):
         engine["connect_args"] = {"timeout": 120}
+        db = sqlite_path(url)
+        if db is not None:
+            storage_class = SQLiteStorage
+            kwargs["lock_path"] = db + ".lock"
     if heartbeat:
         kwargs.update(heartbeat_interval=int(heartbeat), grace_period=int(2 * heartbeat))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine or None, **kwargs)
+            return storage_class(url, engine_kwargs=engine or None, **kwargs)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors of every kind: one line for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot open the study storage {redact(url)} ({type(exc).__name__}: {first[:200]}): "
