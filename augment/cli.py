@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from augment import __version__
-from augment.errors import UserError
+from augment.errors import Interrupted, UserError
 
 # The stages, Hydra, torch and Ray are imported when a command runs, not here: `augment --help` and a
 # mistyped flag answer at once instead of after seconds of imports.
@@ -186,11 +186,26 @@ def resolve_target(target: str) -> Callable:
     return getattr(importlib.import_module(module), fn)
 
 
+def _prepare_out(out: Path) -> bool:
+    """Create ``--out`` (returns whether it was created here); a path that cannot be a folder is one line."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder: pass a folder path (it is created if missing)")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --out {out} ({exc.strerror or type(exc).__name__}): pass a writable folder") from None
+    return created
+
+
 def run_command(name: str, overrides: Sequence[str]) -> dict:
-    """Compose the config, run the stage, write metrics.json and config.yaml; return the metrics."""
+    """Compose the config, run the stage, write metrics.json and config.yaml; return the metrics.
+
+    A refused or interrupted command leaves no trace: a folder it created is removed (unless it holds
+    finished work to resume), and an existing run's ``config.yaml`` is put back as it was.
+    """
     from augment.config import compose, save_config
     from augment.common import write_json
-
     cmd = COMMANDS[name]
     family_free = [o for o in overrides if not (o.split("=", 1)[0] in ("generator", "translator") and "," in o)]
     cfg = compose(family_free)
@@ -200,17 +215,26 @@ def run_command(name: str, overrides: Sequence[str]) -> dict:
         out = Path(default_out(cfg))
     else:
         out = output_dir(cfg.out, name)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    created = _prepare_out(out)
+    config_path = out / "config.yaml"
+    previous = config_path.read_bytes() if config_path.is_file() else None
     try:
-        save_config(cfg, out / "config.yaml")
+        try:
+            save_config(cfg, config_path)
+        except OSError as exc:
+            raise UserError(f"cannot write {config_path} ({exc.strerror or type(exc).__name__}): "
+                            "pass a writable folder as --out") from None
         stage = resolve_target(cmd.target)
         metrics = stage(cfg, out, overrides=list(overrides)) if cmd.wants_overrides else stage(cfg, out)
     except (UserError, KeyboardInterrupt) as exc:
-        partial = cmd.keep_partial and any(p.name != "config.yaml" for p in out.iterdir())
+        partial = cmd.keep_partial and out.is_dir() and any(p.name != "config.yaml" for p in out.iterdir())
         if created and not partial:  # refused or interrupted before anything useful: leave no trace
             shutil.rmtree(out, ignore_errors=True)
-        elif partial and isinstance(exc, UserError):  # finished work (checkpoints, done steps) is kept
+        elif previous is not None and not isinstance(exc, Interrupted):
+            config_path.write_bytes(previous)  # a refused command does not rewrite the run's config.yaml
+        if isinstance(exc, Interrupted) and exc.metrics is not None and out.is_dir():
+            write_json(out / "metrics.json", {"command": name, **exc.metrics})
+        elif partial and isinstance(exc, UserError) and exc.resumable and not isinstance(exc, Interrupted):
             kept = UserError(f"{exc} (finished work is kept in {out}: the same command resumes)")
             kept.exit_code = exc.exit_code
             raise kept from None
@@ -243,6 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     try:
         run_command(ns._command, to_overrides(ns, COMMANDS[ns._command]))
+    except Interrupted as exc:
+        print(f"augment: interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
     except UserError as exc:
         print(f"augment: error: {exc}", file=sys.stderr)
         return exc.exit_code

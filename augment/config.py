@@ -8,6 +8,7 @@ always loaded by absolute path: a relative ``config_path`` breaks under a consol
 from __future__ import annotations
 
 import importlib.resources
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -127,8 +128,34 @@ def build(node: DictConfig | dict, **kwargs: Any) -> Any:
     return instantiate(node, _convert_="all", **kwargs)
 
 
+#: ``scheme://user:password@host``: the password part of a URL (a PostgreSQL study storage, a Ray client).
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s]+)(?P<tail>@)")
+#: Keys whose values are secrets wherever they appear (a Ray cluster token, a database password).
+_SECRET_KEYS = ("password", "token", "secret")
+MASK = "***"
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL password replaced by ``***``."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['head']}{MASK}{m['tail']}", text)
+
+
+def redacted(node: Any) -> Any:
+    """A copy of a (resolved, plain) config with secrets masked: URL passwords anywhere, and the values
+    of keys named like password/token/secret. Saved files (config.yaml, dataset.json, metrics.json)
+    hold this copy; the workers get the real one."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, dict):
+        return {k: (MASK if any(s in str(k).lower() for s in _SECRET_KEYS) and v not in (None, "")
+                    else redacted(v)) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [redacted(v) for v in node]
+    if isinstance(node, str):
+        return redact_text(node)
+    return node
+
+
 def save_config(cfg: DictConfig | dict, path: Path) -> None:
-    """Write the resolved config as YAML."""
-    if not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.create(cfg)
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    """Write the resolved config as YAML, secrets masked (:func:`redacted`)."""
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(redacted(cfg)), resolve=True))

@@ -11,5 +11,19 @@ class UserError(Exception):
 
     exit_code = 2
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, resumable: bool = True) -> None:
         super().__init__(" ".join(str(message).split()))
+        #: False when running the same command again cannot help (a refused setting, not an interruption):
+        #: the CLI then does not add "the same command resumes".
+        self.resumable = resumable
+
+
+class Interrupted(UserError):
+    """Ctrl-C after some work was saved: the CLI writes ``metrics`` (what finished), prints the message
+    and exits 130, without a traceback."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, metrics: dict | None = None) -> None:
+        super().__init__(message)
+        self.metrics = metrics

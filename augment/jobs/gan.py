@@ -70,7 +70,7 @@ def train_model(payload: dict) -> dict:
         )
     except ValueError as exc:
         if "checkpoint" in str(exc):
-            raise UserError(f"{family}: {exc}; train into a new --out folder") from None
+            raise UserError(f"{family}: {exc}; train into a new --out folder", resumable=False) from None
         raise
     seconds = time.perf_counter() - t0
     done = int(tcfg["max_steps"]) - start

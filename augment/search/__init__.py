@@ -33,7 +33,7 @@ from augment import runtime
 from augment.common import resolve_classes
 from augment.config import compose, to_dict
 from augment.data.sources import load_table
-from augment.errors import UserError
+from augment.errors import Interrupted, UserError
 from augment.search.outputs import summarize
 from augment.search.spaces import FAMILY_KEYS, SPACES, check_ranges, merge_overrides, override_key
 from augment.search.study import fail_running, in_range, open_study, read_best, redact
@@ -129,9 +129,12 @@ def search(cfg: DictConfig, out: Path, overrides: list[str] | None = None) -> di
         interrupted = True
         results = []
         fail_running(study, session)
-        print(f"search: interrupted; the study keeps its finished trials: rerun the same command (--out {out}) "
-              "to continue")
     seconds = time.perf_counter() - t0
-    return summarize(study, space, out, url, ctx, {
+    metrics = summarize(study, space, out, url, ctx, {
         "seconds": seconds, "interrupted": interrupted, "workers": workers, "requested_trials": n_trials,
         "stored_before": before, "worker_results": results, "session": session, "runtime": str(cfg.runtime.name)})
+    if interrupted:  # the summary is written; the command still fails (exit 130), as an interrupted one must
+        done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+        raise Interrupted(f"the study keeps its {done} finished trial(s); rerun the same command (--out {out}) "
+                          "to continue", metrics)
+    return metrics

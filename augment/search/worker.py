@@ -21,6 +21,23 @@ from augment.search.study import make_pruner, make_sampler, make_storage
 
 log = logging.getLogger(__name__)
 
+
+class _NoInterruptTraceback(logging.Filter):
+    """Optuna logs a trial stopped by Ctrl-C with its traceback ("Trial 3 failed ... KeyboardInterrupt");
+    the user pressed the key, so the line stays and the traceback goes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is not None and issubclass(record.exc_info[0], KeyboardInterrupt):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_interrupts() -> None:
+    """Install :class:`_NoInterruptTraceback` on optuna's trial loop logger (once per process)."""
+    logger = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _NoInterruptTraceback) for f in logger.filters):
+        logger.addFilter(_NoInterruptTraceback())
+
 #: The work unit :func:`augment.runtime.run_all` resolves in each actor.
 TARGET = "augment.search.worker:run_worker"
 
@@ -28,6 +45,7 @@ TARGET = "augment.search.worker:run_worker"
 def run_worker(payload: dict) -> dict:
     """One trial loop (a Ray work unit, or called in this process): ``study.optimize`` on the shared
     study for ``payload["n_trials"]`` trials. Plain dict in, plain dict out."""
+    quiet_interrupts()
     space = SPACES[payload["space"]]
     scfg = payload["search"]
     ctx = dict(payload["context"])
@@ -54,6 +72,9 @@ def run_worker(payload: dict) -> dict:
             trial.set_user_attr("overrides", space_overrides)
             result = space.objective(trial, merge_overrides(base, fixed, space_overrides), ctx)
         except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("error", "interrupted (Ctrl-C)")
             raise
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).strip()[:500]}")

@@ -41,9 +41,14 @@ def test_rerun_resumes_and_another_family_is_refused(in_tmp, tiny, capsys):
     assert load_checkpoint(in_tmp / "t" / "models" / "cgan" / "checkpoint.pt")["step"] == 9
     lines = (in_tmp / "t" / "models" / "cgan" / "metrics.jsonl").read_text().strip().splitlines()
     assert json.loads(lines[-1])["step"] == 9
-    # a checkpoint of one class list cannot be resumed with another
+    # a checkpoint of one class list cannot be resumed with another: refused, the run's config.yaml kept as it
+    # was, and the message does not promise that the same command resumes (it cannot)
+    config = (in_tmp / "t" / "config.yaml").read_bytes()
+    capsys.readouterr()
     assert main(["train", *tiny, "generator=cgan", "--classes", "edema,hernia", "--out", "t"]) == 2
-    assert "Traceback" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "train into a new --out folder" in err and "the same command resumes" not in err
+    assert (in_tmp / "t" / "config.yaml").read_bytes() == config
 
 
 @pytest.mark.parametrize("args,needle", [
