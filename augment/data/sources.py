@@ -454,6 +454,11 @@ def load_table(cfg: Mapping[str, Any], *, show_progress: bool = True) -> DataTab
         fp = fingerprint(name, str(rows.root), size, _file_key(rows), sorted(rows.anatomy), sorted(rows.lesions))
         table = cache.load_or_build(root, f"{name}-{fp}",
                                     lambda: _build_from_rows(name, rows, size, on_error, show_progress, fp), enabled=use_cache)
+        if on_error == "fail" and len(table) < len(rows.files):
+            # a cache entry built with on_error=skip has the unreadable files dropped: fail as a fresh build would
+            bad = sorted(set(rows.files) - set(table.files.tolist()))
+            raise UserError(f"{len(bad)} unreadable image(s), e.g. {', '.join(bad[:3])} (skipped when the data cache was "
+                            "built): fix or remove them, or set data.on_error=skip")
     split = cfg["split"]
     official = table.splits if bool(split["official"]) else None
     table.splits = split_by_patient(table.patient_ids, val=float(split["val"]),

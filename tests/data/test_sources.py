@@ -103,6 +103,15 @@ def test_corrupt_images_are_skipped_with_a_count_or_fail(tmp_path, caplog):
         load_table(data_cfg("folder", root=str(root), image_size=32, cache=False, on_error="fail"))
 
 
+def test_on_error_fail_holds_on_a_cache_hit(tmp_path):
+    root = _folder(tmp_path / "d")
+    (root / "img/001.png").write_bytes(b"not a png")
+    cache_dir = str(tmp_path / "cache")
+    assert len(load_table(data_cfg("folder", root=str(root), image_size=32, cache_dir=cache_dir))) == 11  # skip, cached
+    with pytest.raises(UserError, match=r"1 unreadable image\(s\), e.g. img/001.png"):
+        load_table(data_cfg("folder", root=str(root), image_size=32, cache_dir=cache_dir, on_error="fail"))
+
+
 def test_cache_is_reused_and_invalidated_when_files_change(tmp_path):
     root = _folder(tmp_path / "d")
     cfg = data_cfg("folder", root=str(root), image_size=32, cache_dir=str(tmp_path / "cache"))
