@@ -14,6 +14,7 @@ import datetime as _dt
 import importlib
 import logging
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -265,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _setup_logging()
+    previous = _terminate_as_interrupt()
     try:
         run_command(ns._command, to_overrides(ns, COMMANDS[ns._command]))
     except Interrupted as exc:
@@ -276,7 +278,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("augment: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _terminate_as_interrupt() -> object | None:
+    """``kill PID`` (SIGTERM) is handled as Ctrl-C: the same clean-up runs (half-written folders removed,
+    a search's running trials marked FAIL, exit 130). Returns the previous handler (None off the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread (an embedding program): leave its handling alone
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover

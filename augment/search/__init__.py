@@ -36,7 +36,7 @@ from augment.data.sources import load_table
 from augment.errors import Interrupted, UserError
 from augment.search.outputs import summarize
 from augment.search.spaces import FAMILY_KEYS, SPACES, check_ranges, merge_overrides, override_key
-from augment.search.study import fail_running, in_range, open_study, read_best, redact
+from augment.search.study import fail_running, fail_stale, in_range, open_study, read_best, redact
 from augment.search.worker import TARGET, run_worker, worker_device
 
 __all__ = ["read_best", "search"]
@@ -82,6 +82,10 @@ def search(cfg: DictConfig, out: Path, overrides: list[str] | None = None) -> di
     study_name = str(scfg.study or name)
     study = open_study(url, study_name, space)
     before = len(study.get_trials(deepcopy=False))
+    stale = fail_stale(url, study_name, scfg.heartbeat)
+    if stale:
+        print(f"search: {stale} trial(s) of an earlier run were still RUNNING with no heartbeat for "
+              f"{2 * float(scfg.heartbeat):g} s (their worker died): marked FAIL")
 
     base = [o for o in (overrides or []) if not (override_key(o) in FAMILY_KEYS and "," in o)]
     fixed = merge_overrides(list(space.fixed), list(scfg.overrides or []))

@@ -153,6 +153,23 @@ def fail_running(study: optuna.Study, session: str) -> None:
                 log.debug("trial %d: %s", t.number, exc)
 
 
+def fail_stale(url: str, name: str, heartbeat: float | None) -> int:
+    """Mark FAIL the trials left RUNNING by a worker that died (killed, machine lost): no heartbeat for two
+    beats. Returns how many. Called when a search starts, so a rerun reports them at once instead of
+    leaving them RUNNING until some later trial happens to check."""
+    if not heartbeat:
+        return 0
+    study = optuna.load_study(study_name=name, storage=make_storage(url, heartbeat))
+    running = lambda: {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}  # noqa: E731
+    before = running()
+    if not before:
+        return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return len(before - running())
+
+
 def best_trial(study: optuna.Study, space: Space) -> optuna.trial.FrozenTrial | None:
     """The best trial; for several objectives the Pareto-optimal trial with the best first objective."""
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):

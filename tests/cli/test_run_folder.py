@@ -114,3 +114,43 @@ def test_optuna_does_not_print_a_traceback_for_ctrl_c(capsys):
     err = capsys.readouterr().err
     assert "Trial 3 failed because of the following error: KeyboardInterrupt()" in err
     assert err.count("Traceback") == 1 and "ValueError: boom" in err  # other errors keep theirs
+
+
+def test_sigterm_is_handled_as_ctrl_c(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+    import time
+
+    import augment.cli as cli
+
+    def stage(cfg, out):
+        (out / "half-written").write_text("x")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler interrupts this
+        raise AssertionError("SIGTERM did not interrupt the stage")
+
+    monkeypatch.setattr(cli, "resolve_target", lambda target: stage)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "d"
+    assert main(["data", "show", *SMOKE, "--out", str(out)]) == 130
+    assert "augment: interrupted" in capsys.readouterr().err
+    assert not out.exists()  # created by this command and interrupted before any finished work: no trace
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_rerun_marks_trials_of_a_dead_worker_fail(tmp_path):
+    import time
+
+    import optuna
+
+    from augment.search.study import fail_stale, make_storage
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=make_storage(url))
+    trial = study.ask()  # a worker took it, beat once, then died
+    study._storage.record_heartbeat(trial._trial_id)
+    assert fail_stale(url, "s", 1) == 0  # alive (the beat is fresh)
+    time.sleep(4)  # more than two beats (grace = 2 s), with slack for a busy machine
+    assert fail_stale(url, "s", 1) == 1
+    assert study.get_trials(deepcopy=False)[0].state.name == "FAIL"
+    assert fail_stale(url, "s", None) == 0

@@ -129,8 +129,9 @@ def test_ctrl_c_keeps_the_study_consistent_and_the_rerun_resumes(in_tmp, pool, m
 
     _patched(monkeypatch, fake)
     out = in_tmp / "s"
-    assert main(["search", *PSEUDO, f"search.pool={pool}", "--trials", "4", "--out", str(out)]) == 0
-    assert "interrupted" in capsys.readouterr().out
+    assert main(["search", *PSEUDO, f"search.pool={pool}", "--trials", "4", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "augment: interrupted: the study keeps its 2 finished trial(s)" in err and "Traceback" not in err
     m = metrics(out)
     assert m["this_run"]["interrupted"] and m["total_trials"] == 2
     assert {t.number: t.state.name for t in stored_trials(out)} == {0: "COMPLETE", 1: "FAIL"}
