@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,14 @@ from typing import Any
 
 import torch
 
-from augment.config import build, check_targets
+from augment.config import ALLOWED_TARGETS, build, check_targets
 from augment.data.labels import NO_FINDING
 from augment.errors import UserError
 from generators.checkpoint import apply_checkpoint, load_checkpoint
 
 LATEST = Path("runs") / "train" / "latest"
 CHECKPOINT = "checkpoint.pt"
+CLASSIFIER_TARGET = "classifiers.model.create_classifier"
 
 
 def sha256(path: Path) -> str:
@@ -90,56 +92,137 @@ class ModelInfo:
         return [c for c in self.classes if c != NO_FINDING]
 
 
+def load_error(path: Path, exc: BaseException) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` could not read ``path``."""
+    text = str(exc)
+    if path.is_file() and path.stat().st_size == 0:
+        return f"cannot load {path}: the file is empty (0 bytes): copy or train the checkpoint again"
+    if "weights only" in text.lower() or "weights_only" in text:
+        return (f"cannot load {path}: it holds pickled Python objects, which augment never loads (only weights-only "
+                "checkpoints written by augment train / classify are read): point to such a checkpoint")
+    first = re.sub(r"\x1b\[[0-9;]*m", "", text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
+    first = first.split(". ")[0]
+    return f"cannot load {path} (corrupt, truncated or not a checkpoint: {first}): copy or train it again"
+
+
+_LOAD_ERRORS = (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError, TypeError,
+                AttributeError, ImportError, IndexError, KeyError, UnicodeDecodeError)
+
+
 def peek(path: Path) -> dict:
     """A checkpoint's contents memory-mapped (``weights_only``): its metadata without reading the
-    weights, for validating a run's models before the workers load them."""
+    weights, for validating a run's models before the workers load them. Any unreadable file (empty,
+    truncated, a pickle of Python objects, not a torch file) or a dict without ``model_cfg`` is a
+    one-line :class:`UserError`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"cannot load {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UserError(f"cannot load {path} (corrupt, truncated or not a checkpoint): {str(exc).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict) or "model_cfg" not in ckpt:
+    except _LOAD_ERRORS as exc:
+        raise UserError(load_error(path, exc)) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_cfg"), dict):
         raise UserError(f"cannot load {path}: not an augment checkpoint (it has no model_cfg)")
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise UserError(f"cannot load {path}: not an augment checkpoint (it has no state_dict of weights)")
     return ckpt
 
 
-def describe(path: Path, ckpt: dict | None = None) -> ModelInfo:
-    """Describe a GAN checkpoint from its stored config and its family class."""
+def family_target(group: str, family: str) -> str | None:
+    """The ``_target_`` a config option builds (``generator``/``cgan`` -> ``generators.cgan.CGAN``);
+    ``None`` when the option does not exist."""
+    from augment.config import config_dir
+
+    path = config_dir() / group / f"{family}.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    target = OmegaConf.load(path).get("_target_")
+    return None if target is None else str(target)
+
+
+def classifier_meta(path: Path) -> dict:
+    """Validate a classifier checkpoint (of ``augment classify`` / ``augment train``'s labeller) from its
+    metadata: readable weights-only, built by the classifier factory, with a class list. Returns the
+    checkpoint (memory-mapped)."""
+    ckpt = peek(path)
+    target = ckpt["model_cfg"].get("_target_")
+    if target != CLASSIFIER_TARGET:
+        what = ("a " + getattr(family_class(target), "kind", "model")) if target in ALLOWED_TARGETS else repr(target)
+        raise UserError(f"{path} is not a classifier checkpoint (it holds {what}): point to a best.pt of "
+                        "augment classify or models/classifier/seed<k>/best.pt of augment train")
+    classes = ckpt.get("classes")
+    if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) for c in classes):
+        raise UserError(f"{path} has no class list: not a classifier checkpoint of augment")
+    return ckpt
+
+
+def describe(path: Path, ckpt: dict | None = None, kind: str | None = None, family: str | None = None) -> ModelInfo:
+    """Describe a GAN checkpoint from its stored config and its family class.
+
+    ``kind`` (``sampler`` / ``translator``): refuse a checkpoint of the other kind. ``family`` (``cgan``,
+    ``fixed_point``, ...): refuse a checkpoint whose model is not the one that family's config builds
+    (a UCGAN copied into ``models/cgan/``). Both are one-line :class:`UserError` s.
+    """
+    path = Path(path)
     ckpt = peek(path) if ckpt is None else ckpt
-    cls = family_class(ckpt["model_cfg"].get("_target_"))
+    target = ckpt["model_cfg"].get("_target_")
+    cls = family_class(target)
     if getattr(cls, "kind", None) not in ("sampler", "translator"):
-        raise UserError(f"{path} is not a GAN checkpoint (its model is {ckpt['model_cfg'].get('_target_')}): "
+        raise UserError(f"{path} is not a GAN checkpoint (its model is {target}): "
                         "point to a models/<family>/checkpoint.pt of augment train")
+    if kind is not None and cls.kind != kind:
+        raise UserError(f"{path} holds a {cls.kind} ({str(target).rsplit('.', 1)[-1]}), not a {kind}: "
+                        f"point to the {kind}'s checkpoint")
+    if family is not None:
+        want = family_target("generator" if cls.kind == "sampler" else "translator", family)
+        if want is not None and want != target:
+            raise UserError(f"{path} holds a {str(target).rsplit('.', 1)[-1]}, not a {family} "
+                            f"({want.rsplit('.', 1)[-1]}): train {family} again or choose the family it holds")
+    classes = ckpt.get("classes")
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
+        raise UserError(f"{path} has no class list: not a checkpoint of augment train")
+    try:
+        image_size, step = int(ckpt.get("image_size") or 0), int(ckpt.get("step") or 0)
+    except (TypeError, ValueError):
+        raise UserError(f"{path} has a malformed image_size/step: not a checkpoint of augment train") from None
     return ModelInfo(family=path.parent.name, kind=cls.kind, conditional=bool(cls.conditional),
-                     classes=list(ckpt.get("classes") or []), image_size=int(ckpt.get("image_size") or 0),
-                     step=int(ckpt.get("step") or 0), path=path)
+                     classes=list(classes), image_size=image_size, step=step, path=path)
 
 
 def _read(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"cannot load {path}: no such file")
     try:
-        return load_checkpoint(path)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise UserError(f"cannot load {path}: {exc}") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except _LOAD_ERRORS as exc:
+        raise UserError(load_error(path, exc)) from None
 
 
-def load_model(path: Path, kind: str | None = None) -> tuple[Any, dict]:
+def load_model(path: Path, kind: str | None = None, family: str | None = None) -> tuple[Any, dict]:
     """Rebuild a model from its checkpoint's own config (weights_only) with EMA weights, eval mode.
 
-    ``kind`` (``sampler`` / ``translator``): refuse a checkpoint of the other kind before building it.
-    The stored ``_target_`` must be one of the allow-listed families (:func:`augment.config.build`).
+    ``kind`` (``sampler`` / ``translator``) and ``family``: refuse a checkpoint of another kind or
+    family before building it (:func:`describe`). The stored ``_target_`` must be one of the
+    allow-listed families (:func:`augment.config.build`). Every failure is a one-line UserError.
     """
+    path = Path(path)
     ckpt = _read(path)
-    if not isinstance(ckpt.get("model_cfg"), dict):
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_cfg"), dict):
         raise UserError(f"cannot load {path}: not an augment checkpoint (it has no model_cfg)")
-    if kind is not None:
-        info = describe(path, ckpt)
-        if info.kind != kind:
-            raise UserError(f"{path} holds a {info.kind} ({ckpt['model_cfg']['_target_'].rsplit('.', 1)[-1]}), "
-                            f"not a {kind}: point to the {kind}'s checkpoint")
-    system = build(ckpt["model_cfg"])
-    apply_checkpoint(system, ckpt, ema=True)
+    if kind is not None or family is not None:
+        describe(path, ckpt, kind=kind, family=family)
+    try:
+        system = build(ckpt["model_cfg"])
+        apply_checkpoint(system, ckpt, ema=True)
+    except UserError:
+        raise
+    except Exception as exc:  # a model_cfg or weights that do not fit this version of the family
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot rebuild the model of {path} ({first[:300]}): it was not written by this version "
+                        "of augment train; train it again") from None
     system.eval()
     return system, ckpt
 
@@ -197,5 +280,5 @@ def classifier_checkpoint(models: Path) -> Path | None:
 
 
 __all__ = ["LATEST", "ModelInfo", "checkpoint_step", "classifier_checkpoint", "describe", "family_checkpoint",
-           "family_class", "find_models", "load_model", "mark_latest", "model_classes", "model_config", "peek", "sha256",
+           "classifier_meta", "family_class", "family_target", "find_models", "load_error", "load_model", "mark_latest", "model_classes", "model_config", "peek", "sha256",
            "trained_families", "translator_checkpoints"]

@@ -71,3 +71,84 @@ def test_describe_reads_metadata_and_capabilities(tmp_path, monkeypatch):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "plain.pt")
     with pytest.raises(UserError, match="no model_cfg"):
         peek(tmp_path / "plain.pt")
+
+
+def _tiny_cgan_checkpoint(path, **extra):
+    from augment.config import build
+    from generators.checkpoint import save_checkpoint
+
+    cfg = model_config(full_cfg("generator=cgan", "generator.g_channels=4", "generator.d_channels=4",
+                                "generator.z_dim=8")["generator"], ["Edema"])
+    cfg["image_size"] = 32
+    system = build(cfg)
+    save_checkpoint(path, {"model_cfg": cfg, "classes": cfg["classes"], "image_size": 32, "step": 1,
+                           "state_dict": system.state_dict(), **extra})
+    return path
+
+
+def test_unreadable_checkpoints_are_one_line_saying_why(tmp_path):
+    from augment.models import load_model
+
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for reader in (peek, load_model):
+        with pytest.raises(UserError, match="the file is empty") as exc:
+            reader(empty)
+        assert "\n" not in str(exc.value)
+    good = _tiny_cgan_checkpoint(tmp_path / "cgan" / "checkpoint.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(UserError, match="corrupt, truncated") as exc:
+        load_model(truncated)
+    assert "\n" not in str(exc.value) and "\x1b" not in str(exc.value)
+
+
+def test_a_pickle_checkpoint_is_refused_without_running_it(tmp_path):
+    import torch
+
+    from augment.models import load_model
+
+    marker = tmp_path / "MARKER"
+
+    class Evil:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    ckpt = torch.load(_tiny_cgan_checkpoint(tmp_path / "cgan" / "checkpoint.pt"), weights_only=True)
+    ckpt["extra"] = Evil()
+    torch.save(ckpt, tmp_path / "evil.pt")
+    for reader in (peek, load_model):
+        with pytest.raises(UserError, match="pickled Python objects"):
+            reader(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_describe_checks_the_kind_and_the_family(tmp_path):
+    path = _tiny_cgan_checkpoint(tmp_path / "cgan" / "checkpoint.pt")
+    assert describe(path, kind="sampler", family="cgan").conditional is True
+    with pytest.raises(UserError, match="holds a sampler .*not a translator"):
+        describe(path, kind="translator")
+    with pytest.raises(UserError, match="holds a CGAN, not a ucgan"):
+        describe(path, family="ucgan")
+
+
+def test_classifier_meta_refuses_a_gan_checkpoint(tmp_path):
+    from augment.models import classifier_meta
+
+    with pytest.raises(UserError, match="not a classifier checkpoint .*a sampler"):
+        classifier_meta(_tiny_cgan_checkpoint(tmp_path / "cgan" / "checkpoint.pt"))
+
+
+def test_weights_that_do_not_fit_are_one_line(tmp_path):
+    import torch
+
+    from augment.models import load_model
+
+    path = _tiny_cgan_checkpoint(tmp_path / "cgan" / "checkpoint.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state_dict"] = {"w": torch.zeros(2)}
+    from generators.checkpoint import save_checkpoint
+
+    save_checkpoint(path, ckpt)
+    with pytest.raises(UserError, match="cannot rebuild the model"):
+        load_model(path, kind="sampler")

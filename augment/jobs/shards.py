@@ -1,8 +1,8 @@
 """The generation work unit: :class:`ShardWorker` writes one complete shard of ``augment generate``.
 
-Sample ``i`` of a stream draws its noise from a generator seeded by ``(seed, stream, i)``, so the output
-does not depend on workers or batch size (every forward pass has exactly ``batch_size`` rows: a short
-last chunk is padded and the padding discarded). A shard is written into ``.shards/<k>.tmp`` and
+Sample ``i`` of a stream draws its noise from a generator seeded by ``(seed, stream, i)``, and every
+forward pass has exactly ``micro_batch`` rows, always the same samples (see :class:`ShardWorker`), so the
+output does not depend on workers or ``--batch-size``. A shard is written into ``.shards/<k>.tmp`` and
 renamed to ``.shards/<k>`` when complete, so a killed run never leaves a half-written shard.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -23,7 +24,7 @@ from augment.errors import UserError
 from augment.models import load_model
 from classifiers.model import load_classifier
 from cxrbase import to_uint8, write_png
-from generators.masks import per_finding_masks
+from generators.masks import MaskRuleError, diff_to_mask
 from generators.train import derive_seed
 
 SHARDS = ".shards"
@@ -45,7 +46,16 @@ def sample_name(stream: str, i: int) -> str:
 
 
 class ShardWorker:
-    """Loads the models once; ``run(spec)`` writes one complete shard. Ray makes it an actor."""
+    """Loads the models once; ``run(spec)`` writes one complete shard. Ray makes it an actor.
+
+    Batch invariance: every forward pass (sampler, labeller, translator) has exactly ``micro_batch``
+    rows, and micro-batch ``j`` of shard ``k`` always holds the same samples (``k * shard_size + j *
+    micro_batch ...``, a short last one padded with copies of its last sample), so no sample's result
+    depends on ``--batch-size`` or on which other samples share a batch with it. The labeller and the
+    translator see the image as written (``uint8`` on disk, mapped back to [-1, 1]), so ``p_<class>``
+    and the masks describe exactly the saved pixels. ``--batch-size`` only sets how many samples are
+    handled (and held in memory) per step.
+    """
 
     def __init__(self, payload: dict) -> None:
         self.p = payload
@@ -61,9 +71,14 @@ class ShardWorker:
             self.translator_classes = list(tk["classes"])
         self.labeller = None
         if payload.get("labeller_ckpt"):
-            self.labeller, meta = load_classifier(payload["labeller_ckpt"], map_location=self.device)
+            try:
+                self.labeller, meta = load_classifier(payload["labeller_ckpt"], map_location=self.device)
+            except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
+                raise UserError(f"the pseudo-labeller {payload['labeller_ckpt']} cannot be rebuilt "
+                                f"({str(exc).splitlines()[0][:300]}): pass a checkpoint of augment classify") from None
             self.labeller_classes = list(meta["classes"])
         self.classes = payload["classes"]
+        self.micro = int(payload["micro_batch"])
 
     def pseudo_probs(self, x: torch.Tensor) -> torch.Tensor:
         """p(class) over the requested classes, B x C."""
@@ -74,6 +89,46 @@ class ShardWorker:
             probs = self.sampler.classify(x)
             cols = [self.sampler_classes.index(c) for c in self.classes]
         return probs[:, cols]
+
+    def sample(self, stream: str, idx: list[int]) -> torch.Tensor:
+        """Images of samples ``idx`` (exactly ``micro_batch`` of them), float in [-1, 1]."""
+        seed, sid = int(self.p["seed"]), stream_id(stream)
+        z = torch.stack([torch.randn(self.sampler.z_dim, generator=torch.Generator().manual_seed(
+            derive_seed(seed, sid, i))) for i in idx]).to(self.device)
+        if self.conditional:
+            y = torch.zeros(len(z), len(self.sampler_classes), device=self.device)
+            y[:, self.sampler_classes.index(stream)] = 1
+            return self.sampler.G(z, y)
+        return self.sampler.G(z)
+
+    def finding_masks(self, x: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> dict[str, np.ndarray]:
+        """``{finding: B x H x W uint8 0/255}`` for the kept images labelled with it: the translator removes
+        only that finding (target = the image's labels minus it) from the whole micro-batch (a fixed
+        shape), and each image's difference map becomes its mask on its own (an image whose map the
+        rule selects nothing of gets an empty mask)."""
+        tcls = self.translator_classes
+        current = torch.zeros(len(x), len(tcls), device=self.device)
+        for j, c in enumerate(self.classes):
+            if c in tcls:
+                current[:, tcls.index(c)] = labels[:, j]
+        current[~keep] = 0
+        out: dict[str, np.ndarray] = {}
+        for j, c in enumerate(self.classes):
+            rows = (keep & (labels[:, j] == 1)).nonzero().flatten().tolist()
+            if c not in tcls or not rows:
+                continue
+            target = current.clone()
+            target[:, tcls.index(c)] = 0
+            diff = self.translator.translate(x, target).diff_map.float().cpu().numpy()
+            m = np.zeros((len(x), *x.shape[2:]), dtype=np.uint8)
+            for r in rows:
+                try:
+                    m[r] = diff_to_mask(diff[r, 0], finding=c, **self.p["mask"]) * 255
+                except MaskRuleError as exc:
+                    if "selected no pixel" not in str(exc):
+                        raise UserError(f"mask.*: {exc}") from None
+            out[c] = m
+        return out
 
     @torch.no_grad()
     def run(self, spec: dict) -> dict:
@@ -86,63 +141,50 @@ class ShardWorker:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "images").mkdir(parents=True)
         (tmp / "masks").mkdir()
-        t, bs, seed = float(p["threshold"]), int(p["batch_size"]), int(p["seed"])
-        sid = stream_id(stream)
+        t, mb = float(p["threshold"]), self.micro
+        per_step = max(1, math.ceil(int(p["batch_size"]) / mb))  # micro-batches per step
         rows: list[dict] = []
         timings = {"sample": 0.0, "label": 0.0, "translate": 0.0, "write": 0.0}
+        first, end = k * size, (k + 1) * size
+        micro_starts = list(range(first, end, mb))  # aligned to the shard: independent of --batch-size
         try:
-            for start in range(k * size, (k + 1) * size, bs):
-                idx = list(range(start, min(start + bs, (k + 1) * size)))
-                pad = bs - len(idx)  # every forward pass has batch_size rows: results never depend on the chunking
-                t0 = time.perf_counter()
-                z = torch.stack([torch.randn(self.sampler.z_dim, generator=torch.Generator().manual_seed(
-                    derive_seed(seed, sid, i))) for i in idx + [idx[-1]] * pad]).to(self.device)
-                if self.conditional:
-                    y = torch.zeros(len(z), len(self.sampler_classes), device=self.device)
-                    y[:, self.sampler_classes.index(stream)] = 1
-                    x = self.sampler.G(z, y)
-                else:
-                    x = self.sampler.G(z)
-                t1 = time.perf_counter()
-                probs = self.pseudo_probs(x)
-                t2 = time.perf_counter()
-                labels = (probs >= t).float()
-                if self.conditional:  # a CGAN image is a candidate for its own class only
-                    keep = labels[:, self.classes.index(stream)] == 1
-                else:
-                    keep = labels.sum(1) > 0
-                keep[len(idx):] = False
-                masks: dict[str, torch.Tensor] = {}
-                if self.translator is not None and keep.any():
-                    full = torch.zeros(len(x), len(self.translator_classes), device=self.device)
-                    for j, c in enumerate(self.classes):
-                        if c in self.translator_classes:
-                            full[:, self.translator_classes.index(c)] = labels[:, j]
-                    full[~keep] = 0
-                    sel = torch.nonzero(keep).flatten()
-                    m = per_finding_masks(self.translator, x[sel], full[sel], self.translator_classes, **p["mask"])
-                    masks = {c: torch.zeros(len(x), 1, *x.shape[2:], device=self.device).index_copy_(0, sel, v.float())
-                             for c, v in m.items()}
-                t3 = time.perf_counter()
-                imgs = to_uint8(x)
-                for j, i in enumerate(idx):
-                    if not keep[j]:
-                        continue
-                    sample_id = sample_name(stream, i)
-                    write_png(tmp / "images" / f"{sample_id}.png", imgs[j])
-                    names = [c for c, v in zip(self.classes, labels[j].tolist()) if v == 1]
-                    mask_files = []
-                    for c in names:
-                        if c in masks:
-                            mf = f"masks/{sample_id}_{c}.png"
-                            write_png(tmp / mf, (masks[c][j, 0].cpu().numpy() > 0.5).astype(np.uint8) * 255)
-                            mask_files.append(mf)
-                    rows.append({"id": sample_id, "attempt": i, "labels": names, "probs": probs[j].tolist(),
-                                 "masks": mask_files})
-                timings["sample"] += t1 - t0
-                timings["label"] += t2 - t1
-                timings["translate"] += t3 - t2
-                timings["write"] += time.perf_counter() - t3
+            for g0 in range(0, len(micro_starts), per_step):
+                for start in micro_starts[g0:g0 + per_step]:
+                    idx = list(range(start, min(start + mb, end)))
+                    t0 = time.perf_counter()
+                    x = self.sample(stream, idx + [idx[-1]] * (mb - len(idx)))
+                    imgs = to_uint8(x)  # what is written: the labeller and the translator see exactly this
+                    xq = torch.from_numpy(imgs).float().unsqueeze(1).div_(127.5).sub_(1.0).to(self.device)
+                    t1 = time.perf_counter()
+                    probs = self.pseudo_probs(xq).float().cpu()
+                    t2 = time.perf_counter()
+                    labels = (probs >= t).float()
+                    if self.conditional:  # a CGAN image is a candidate for its own class only
+                        keep = labels[:, self.classes.index(stream)] == 1
+                    else:
+                        keep = labels.sum(1) > 0
+                    keep[len(idx):] = False
+                    masks = (self.finding_masks(xq, labels.to(self.device), keep.to(self.device))
+                             if self.translator is not None and keep.any() else {})
+                    t3 = time.perf_counter()
+                    for j, i in enumerate(idx):
+                        if not keep[j]:
+                            continue
+                        sample_id = sample_name(stream, i)
+                        write_png(tmp / "images" / f"{sample_id}.png", imgs[j])
+                        names = [c for c, v in zip(self.classes, labels[j].tolist()) if v == 1]
+                        mask_files = []
+                        for c in names:
+                            if c in masks:
+                                mf = f"masks/{sample_id}_{c}.png"
+                                write_png(tmp / mf, masks[c][j])
+                                mask_files.append(mf)
+                        rows.append({"id": sample_id, "attempt": i, "labels": names, "probs": probs[j].tolist(),
+                                     "masks": mask_files})
+                    timings["sample"] += t1 - t0
+                    timings["label"] += t2 - t1
+                    timings["translate"] += t3 - t2
+                    timings["write"] += time.perf_counter() - t3
             summary = {"name": spec["name"], "stream": stream, "k": k, "attempts": size, "candidates": len(rows),
                        "timings": timings}
             (tmp / "shard.json").write_text(json.dumps({"summary": summary, "rows": rows}))

@@ -67,7 +67,8 @@ def test_generate_writes_the_synthetic_format_and_reads_back(models, tmp_path):
 def test_same_command_same_bytes_for_any_batch_size(models, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["generate", *GEN, "--n", "12", "--models", str(models), "--out", str(a), "--batch-size", "8"]) == 0
-    assert main(["generate", *GEN, "--n", "12", "--models", str(models), "--out", str(b), "--batch-size", "5"]) == 0
+    # a raw override (GEN's generate.batch_size=8 would win over a --batch-size flag)
+    assert main(["generate", *GEN, "--n", "12", "--models", str(models), "--out", str(b), "generate.batch_size=5"]) == 0
     assert digest(a) == digest(b) and len(digest(a)) >= 12
     c = tmp_path / "c"
     assert main(["generate", *GEN, "--n", "12", "--models", str(models), "--out", str(c), "--seed", "1"]) == 0
@@ -91,10 +92,11 @@ def test_same_bytes_with_two_ray_workers(models, tmp_path):
 
 def test_refuses_a_non_empty_out_and_overwrite_replaces(models, tmp_path, capsys):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    assert main(["generate", *GEN, "--n", "6", "--models", str(models), "--out", str(out)]) == 0
+    (out / "keep.txt").write_text("stray")
     assert main(["generate", *GEN, "--n", "4", "--models", str(models), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err and (out / "keep.txt").exists()
+    # augment output (its dataset.json says so) is replaced; a folder of anything else is refused (test_hostile_generate)
     assert main(["generate", *GEN, "--n", "4", "--models", str(models), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "keep.txt").exists()
     check_dataset(out, 4)
