@@ -39,6 +39,8 @@ class Command:
     flags: list[tuple[tuple[str, ...], dict, str | None]] = field(default_factory=list)  # (names, argparse kw, override template)
     wants_overrides: bool = False  # the stage re-composes per model (e.g. generator=cgan,ucgan)
     keep_partial: bool = False  # on an error, keep an --out that holds more than config.yaml (a rerun resumes)
+    resume_hint: str = "the same command resumes"  # how to finish kept work
+    keep_on_error: bool = True  # keep_partial on a refusal too (False: only an interrupted run keeps its work)
 
 
 CLASSES_FLAG = (("--classes",), {"help": "comma-separated classes, case-insensitive, aliases allowed (edema,hernia)"}, "classes=[{}]")
@@ -66,7 +68,7 @@ COMMANDS: dict[str, Command] = {
         (("--per-class",), {"action": "store_true", "help": "make --n the number of images of EACH class"}, "generate.per_class=true"),
         (("--models",), {"help": "a train run folder (default: runs/train/latest)"}, "generate.models='{}'"),
         (("--seed",), {"type": int, "help": "run seed; sample i of a class draws its noise from (seed, class, i)"}, "seed={}"),
-        (("--batch-size",), {"type": int, "help": "images per forward pass (the output does not depend on it)"}, "generate.batch_size={}"),
+        (("--batch-size",), {"type": int, "help": "samples handled per step (the output does not depend on it; generate.micro_batch sets the forward passes)"}, "generate.batch_size={}"),
         (("--workers",), {"type": int, "help": "parallel shard workers (Ray actors, one GPU each where present)"}, "generate.workers={}"),
         (("--threshold",), {"type": float, "help": "pseudo-label threshold t in (0, 1): keep an image for class c when p(c) >= t"},
          "generate.threshold={}"),
@@ -81,7 +83,7 @@ COMMANDS: dict[str, Command] = {
         (("--overwrite",), {"action": "store_true", "help": "replace a non-empty --out"}, "generate.overwrite=true"),
         (("--allow-short",), {"action": "store_true", "help": "write the images found when a class cannot fill its quota "
                                                                "at this threshold (default: refuse)"}, "generate.allow_short=true"),
-    ]),
+    ], keep_partial=True, keep_on_error=False, resume_hint="the same command with --resume finishes it"),
     "evaluate": Command("evaluate", "augment.stages.evaluate:evaluate",
                         "mask metrics of the trained translators; FID/KID/IS/PR/class fidelity of --synthetic, with floors", [
         CLASSES_FLAG,
@@ -228,15 +230,18 @@ def run_command(name: str, overrides: Sequence[str]) -> dict:
         stage = resolve_target(cmd.target)
         metrics = stage(cfg, out, overrides=list(overrides)) if cmd.wants_overrides else stage(cfg, out)
     except (UserError, KeyboardInterrupt) as exc:
-        partial = cmd.keep_partial and out.is_dir() and any(p.name != "config.yaml" for p in out.iterdir())
+        keep = cmd.keep_partial and (cmd.keep_on_error or not isinstance(exc, UserError) or isinstance(exc, Interrupted))
+        partial = keep and out.is_dir() and any(p.name != "config.yaml" for p in out.iterdir())
         if created and not partial:  # refused or interrupted before anything useful: leave no trace
             shutil.rmtree(out, ignore_errors=True)
         elif previous is not None and not isinstance(exc, Interrupted):
             config_path.write_bytes(previous)  # a refused command does not rewrite the run's config.yaml
+        if partial and type(exc) is KeyboardInterrupt:  # say where the finished work is and how to finish it
+            raise Interrupted(f"finished work is kept in {out}: {cmd.resume_hint}") from None
         if isinstance(exc, Interrupted) and exc.metrics is not None and out.is_dir():
             write_json(out / "metrics.json", {"command": name, **exc.metrics})
         elif partial and isinstance(exc, UserError) and exc.resumable and not isinstance(exc, Interrupted):
-            kept = UserError(f"{exc} (finished work is kept in {out}: the same command resumes)")
+            kept = UserError(f"{exc} (finished work is kept in {out}: {cmd.resume_hint})")
             kept.exit_code = exc.exit_code
             raise kept from None
         raise

@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 
 from augment.errors import UserError
 from augment.search.spaces import Space, quote
+from augment.search.urls import storage_url
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def make_storage(url: str, heartbeat: float | None = None) -> optuna.storages.RD
     """An RDB storage; SQLite waits for locks and claims trials under a file lock (several workers
     write to one file, :class:`SQLiteStorage`); a heartbeat lets the next trial mark a dead worker's
     trial FAIL. Bad URLs become one-line UserErrors."""
+    url = storage_url(url)  # postgresql:// with whichever PostgreSQL driver is installed
     kwargs: dict[str, Any] = {}
     engine: dict[str, Any] = {}
     storage_class: Any = optuna.storages.RDBStorage

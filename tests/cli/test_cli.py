@@ -92,6 +92,10 @@ def test_configs_ship_in_the_wheel(tmp_path):
     expected = {"augment/configs/" + str(p.relative_to(config_dir())) for p in config_dir().rglob("*.yaml")}
     assert expected and expected <= shipped
     assert "augment/cli.py" in names and "generators/base.py" in names
+    # every module of the source tree ships (a package missing from pyproject's list breaks non-editable installs)
+    modules = {str(p.relative_to(ROOT)) for top in ("augment", "generators", "classifiers", "cxrbase")
+               for p in (ROOT / top).rglob("*.py")}
+    assert modules and not (modules - names), sorted(modules - names)
 
 
 def test_a_dict_valued_setting_takes_the_natural_form():

@@ -207,3 +207,26 @@ def test_the_driver_reads_each_shard_file_once(models, tmp_path, monkeypatch):
     assert main(["generate", *GEN, "--n", "12", "--models", str(models), "--out", str(out)]) == 0
     check_dataset(out, 12)
     assert reads and max(reads.values()) == 1
+
+
+def test_ctrl_c_on_a_fresh_out_keeps_the_shards_and_resume_finishes(models, tmp_path, monkeypatch, capsys):
+    from augment.jobs import shards as gen
+
+    real_run = gen.ShardWorker.run
+    calls = {"n": 0}
+
+    def interrupted_second(self, spec):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_run(self, spec)
+
+    monkeypatch.setattr(gen.ShardWorker, "run", interrupted_second)
+    args = ["generate", *GEN, "--n", "40", "--models", str(models), "--out", str(tmp_path / "g")]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "augment: interrupted: finished work is kept in" in err and "--resume" in err and "Traceback" not in err
+    assert list((tmp_path / "g" / ".shards").glob("*/shard.json"))  # the first shard survived
+    monkeypatch.undo()
+    assert main([*args, "--resume"]) == 0
+    check_dataset(tmp_path / "g", 40)
