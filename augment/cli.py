@@ -57,6 +57,13 @@ COMMANDS: dict[str, Command] = {
         (("--seeds",), {"help": "comma-separated seeds (0,1,2): one model each, mean and spread reported"}, "classify.seeds=[{}]"),
         (("--threshold",), {"type": float, "help": "pseudo-label threshold t on the synthetic p_<class> columns"},
          "classify.threshold={}"),
+        (("--arms",), {"help": "comma-separated arms at an equal step budget: real, classic, oversample, synthetic, "
+                               "synthetic+classic (one table with paired 95 %% intervals)"}, "classify.arms=[{}]"),
+        (("--curve",), {"help": "low-data curve: real positives per class at each point (20,40,100,all); with --arms"},
+         "classify.curve=[{}]"),
+        (("--checkpoint",), {"metavar": "RUN_OR_PT", "help": "score a trained model (a classify run folder: every seed; "
+                                                             "or one best.pt) on data=... without training"},
+         "classify.checkpoint='{}'"),
     ]),
     "train": Command("train", "augment.stages.train:train",
                      "train samplers (generator=cgan,ucgan) and translators (translator=fixed_point,taggan,branched) "

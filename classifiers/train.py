@@ -47,6 +47,7 @@ class TrainResult:
             ``val_auc`` (per class), ``lr``, ``seconds``, ``images_per_second``.
         train_seconds: wall time of the whole call.
         images_per_second: training images per second of training steps (validation excluded).
+        steps: optimizer steps taken.
     """
 
     best_epoch: int
@@ -54,6 +55,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
     images_per_second: float = 0.0
+    steps: int = 0
 
 
 def masked_bce_with_logits(
@@ -129,6 +131,8 @@ def train_classifier(
     sampler: Sampler[list[int]] | Iterable[list[int]] | None = None,
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
     progress: bool = True,
+    max_steps: int | None = None,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train a multi-label classifier and leave it holding its best validation weights.
 
@@ -157,6 +161,11 @@ def train_classifier(
             history entry); whatever it raises (e.g. a pruning signal) propagates, after the
             model has been given its best weights so far.
         progress: show a progress bar (only when stderr is a terminal).
+        max_steps: a step budget: stop after this many optimizer steps (the learning-rate schedule
+            spans them); the last, partial epoch is validated too. None: ``epochs`` full epochs.
+        augment: called as ``augment(images, generator)`` on every uint8 training batch (already
+            on ``device``), e.g. :class:`classifiers.classic.ClassicAugment`; ``generator`` is a
+            CPU generator seeded from ``seed``.
 
     Returns:
         :class:`TrainResult`.
@@ -170,6 +179,8 @@ def train_classifier(
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     if balanced and sampler is not None:
         raise ValueError("balanced=True and an explicit sampler exclude each other")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}")
     if patience is not None and patience < 1:
         raise ValueError(f"patience must be >= 1 or None, got {patience}")
     meta: dict[str, Any] = {}
@@ -215,6 +226,10 @@ def train_classifier(
     if steps_per_epoch == 0:
         raise ValueError("the training set gives no batches (is it empty?)")
     total_steps = epochs * steps_per_epoch
+    if max_steps is not None:
+        epochs = math.ceil(max_steps / steps_per_epoch)
+        total_steps = int(max_steps)
+    aug_gen = torch.Generator().manual_seed(seed + 0x5EED) if augment is not None else None
     warmup_steps = int(round(warmup_frac * total_steps)) if warmup_frac > 0 else 0
     optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
@@ -226,6 +241,7 @@ def train_classifier(
     best_score = -math.inf
     stale = 0
     step_seconds, images_seen = 0.0, 0
+    steps_done = 0
     start = time.perf_counter()
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if cuda else []
 
@@ -248,7 +264,12 @@ def train_classifier(
                 bar = progress_bar(loader, total=steps_per_epoch, desc=f"classifier epoch {epoch}/{epochs}",
                                    enabled=progress)
                 for i, batch in enumerate(bar):
-                    x = to_x(batch["image"], device, channels_last=cuda)
+                    if steps_done >= total_steps:
+                        break
+                    images = batch["image"]
+                    if augment is not None:  # on the uint8 batch, on the training device
+                        images = augment(images.to(device, non_blocking=True), aug_gen)
+                    x = to_x(images, device, channels_last=cuda)
                     y = batch["labels"].to(device, non_blocking=True)
                     w = batch["weight"].to(device, non_blocking=True)
                     with autocast:
@@ -258,6 +279,7 @@ def train_classifier(
                     loss.backward()
                     optimizer.step()
                     scheduler.step()
+                    steps_done += 1
                     loss_sum += loss.detach()
                     n_images += len(x)
                     if i % 20 == 0 and not getattr(bar, "disable", True):
@@ -267,7 +289,7 @@ def train_classifier(
                 seconds = time.perf_counter() - t0
                 step_seconds += seconds
                 images_seen += n_images
-                train_loss = float(loss_sum.item()) / steps_per_epoch
+                train_loss = float(loss_sum.item()) / max(1, steps_done - (epoch - 1) * steps_per_epoch)
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(
                         f"training loss became {train_loss} in epoch {epoch}; lower lr (now {lr}) or check the labels"
@@ -308,6 +330,8 @@ def train_classifier(
                 if patience is not None and stale >= patience:
                     log.info("early stop after epoch %d: no better val AUC for %d epochs", epoch, patience)
                     break
+                if steps_done >= total_steps:
+                    break
     finally:
         restore_best()
 
@@ -325,6 +349,7 @@ def train_classifier(
         history=history,
         train_seconds=total,
         images_per_second=images_seen / step_seconds if step_seconds > 0 else 0.0,
+        steps=steps_done,
     )
 
 

@@ -113,6 +113,11 @@ class MixedBatchSampler(Sampler[list[int]]):
         real_weights: optional per-real-item sampling weights (class-balanced sampling of the real
             part, e.g. ``cxrbase.balanced_weights``): real indices are then drawn
             with replacement in proportion to them; the synthetic stream and the ratio are unchanged.
+        synthetic_weights: the same for the synthetic slot (e.g. class-balanced repeats of real
+            positives in the ``oversample`` arm).
+        slot_generator: a separate source for the synthetic slot's draws. With it, the real
+            indices of every batch depend on ``generator`` alone: two samplers with the same
+            ``generator`` seed give the same real images whatever fills the slot (paired arms).
 
     Raises:
         ValueError: no real items, a ratio that leaves no real slot, or synthetic slots without
@@ -129,6 +134,8 @@ class MixedBatchSampler(Sampler[list[int]]):
         generator: torch.Generator,
         num_batches: int | None = None,
         real_weights: Sequence[float] | None = None,
+        synthetic_weights: Sequence[float] | None = None,
+        slot_generator: torch.Generator | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -140,6 +147,7 @@ class MixedBatchSampler(Sampler[list[int]]):
         self.batch_size, self.ratio, self.generator = int(batch_size), float(ratio), generator
         self.n_syn_per_batch = int(round(batch_size * ratio / (1.0 + ratio)))
         self.n_real_per_batch = batch_size - self.n_syn_per_batch
+        self.slot_generator = slot_generator if slot_generator is not None else generator
         if self.n_real_per_batch < 1:
             raise ValueError(f"ratio {ratio} leaves no real image in a batch of {batch_size}; "
                              "lower the ratio or raise the batch size")
@@ -155,22 +163,37 @@ class MixedBatchSampler(Sampler[list[int]]):
             if w.shape != (self.n_real,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
                 raise ValueError(f"real_weights must be {self.n_real} finite non-negative numbers with a positive sum")
             self.real_weights = w
+        self.synthetic_weights = None
+        if synthetic_weights is not None:
+            w = torch.as_tensor(list(synthetic_weights), dtype=torch.double)
+            if w.shape != (self.n_synthetic,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+                raise ValueError(f"synthetic_weights must be {self.n_synthetic} finite non-negative numbers with a positive sum")
+            self.synthetic_weights = w
 
     def __len__(self) -> int:
         return self.num_batches
 
-    def _stream(self, n: int, offset: int) -> Iterator[int]:
+    @staticmethod
+    def _stream(n: int, offset: int, gen: torch.Generator) -> Iterator[int]:
         while True:
-            for i in torch.randperm(n, generator=self.generator).tolist():
+            for i in torch.randperm(n, generator=gen).tolist():
                 yield offset + i
 
-    def _weighted(self) -> Iterator[int]:
+    @staticmethod
+    def _weighted(w: torch.Tensor, offset: int, gen: torch.Generator) -> Iterator[int]:
         while True:
-            yield from torch.multinomial(self.real_weights, self.n_real, replacement=True, generator=self.generator).tolist()
+            for i in torch.multinomial(w, len(w), replacement=True, generator=gen).tolist():
+                yield offset + i
 
     def __iter__(self) -> Iterator[list[int]]:
-        real = self._stream(self.n_real, 0) if self.real_weights is None else self._weighted()
-        syn = self._stream(self.n_synthetic, self.n_real) if self.n_syn_per_batch else iter(())
+        g, sg = self.generator, self.slot_generator
+        real = self._stream(self.n_real, 0, g) if self.real_weights is None else self._weighted(self.real_weights, 0, g)
+        if not self.n_syn_per_batch:
+            syn: Iterator[int] = iter(())
+        elif self.synthetic_weights is None:
+            syn = self._stream(self.n_synthetic, self.n_real, sg)
+        else:
+            syn = self._weighted(self.synthetic_weights, self.n_real, sg)
         for _ in range(self.num_batches):
             batch = [next(real) for _ in range(self.n_real_per_batch)]
             batch += [next(syn) for _ in range(self.n_syn_per_batch)]

@@ -5,8 +5,11 @@ The folder format (ARCHITECTURE.md)::
 
     <root>/images/<id>.png            1-channel uint8
     <root>/masks/<id>_<Finding>.png   1-channel 0/255, one per finding the image is labelled with
-    <root>/labels.csv                 Image Index, Finding Labels, file, mask ('|'-joined paths
-                                      relative to root, may be empty), p_<Finding>, generator, seed
+    <root>/labels.csv                 NIH's Data_Entry_2017 columns (Image Index, Finding Labels,
+                                      Follow-up #, Patient ID, Patient Age, Patient Gender, View
+                                      Position, OriginalImage[Width, Height], OriginalImagePixelSpacing
+                                      [x, y]), then file, mask ('|'-joined paths relative to root, may
+                                      be empty), p_<Finding>, generator, seed
     <root>/dataset.json               card: classes, counts, threshold, checkpoints, config, ...
 
 Items are dicts: ``image`` uint8 tensor 1 x H x W (or ``transform(PIL image)`` when a transform is
@@ -16,8 +19,9 @@ class without a mask; never transformed) when ``with_masks``, plus ``index`` and
 stay uint8 here; the classifier loop turns them into ``x = image / 127.5 - 1`` in [-1, 1].
 
 Labels come from ``Finding Labels`` unless a pseudo-label threshold ``t`` is given: then a class
-is 1 when ``p_class >= t`` and 0 otherwise, computed at load time so a search can tune ``t``
-without regenerating images.
+is 1 when ``p_class >= t``; below ``t`` a class the set labelled positive is NaN (rejected at ``t``:
+unlabelled, never a negative) and a class it labelled negative stays 0. Computed at load time so a
+search can tune ``t`` without regenerating images.
 """
 
 from __future__ import annotations
@@ -47,9 +51,22 @@ log = logging.getLogger(__name__)
 FORMAT = "augment synthetic dataset v1"
 # labels.csv columns (NIH's first: ChestX-ray14 loaders read the file as is)
 IMAGE_INDEX, FINDING_LABELS, PATIENT_ID = "Image Index", "Finding Labels", "Patient ID"
+FOLLOW_UP, AGE, GENDER, VIEW = "Follow-up #", "Patient Age", "Patient Gender", "View Position"
+# Data_Entry_2017 spells two pairs as four columns (a comma inside the bracket): kept as NIH writes them
+WIDTH, HEIGHT, SPACING_X, SPACING_Y = "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"
+NIH_COLUMNS = (IMAGE_INDEX, FINDING_LABELS, FOLLOW_UP, PATIENT_ID, AGE, GENDER, VIEW, WIDTH, HEIGHT, SPACING_X, SPACING_Y)
 FILE, MASK, GENERATOR, SEED = "file", "mask", "generator", "seed"
 PROB_PREFIX = "p_"
 REQUIRED_COLUMNS = (IMAGE_INDEX, FINDING_LABELS, FILE)
+
+
+def view_position(config: dict) -> str:
+    """The ``View Position`` of a set: the view of the images its generator was trained on, when the
+    data source says (``data.view_position``; the phantom draws PA radiographs); else empty (unknown)."""
+    data = (config or {}).get("data") or {}
+    if data.get("view_position"):
+        return str(data["view_position"])
+    return "PA" if data.get("name") == "phantom" else ""
 
 
 def write_dataset(out: Path, shards: Path, rows: list[dict], classes: list[str], *, generator: str, seed: int,
@@ -59,23 +76,31 @@ def write_dataset(out: Path, shards: Path, rows: list[dict], classes: list[str],
     write labels.csv and dataset.json, drop the shards.
 
     ``rows``: the kept samples in order, each ``{"id", "attempt", "labels", "probs", "masks", "shard"}``
-    (files relative to their shard folder). Idempotent: a write interrupted half-way is completed by
+    (files relative to their shard folder). labels.csv starts with NIH's Data_Entry_2017 columns, so
+    ChestX-ray14 loaders read it as is, with honest values: each image is its own patient's first
+    image (Follow-up # 0, Patient ID the image id), age, sex and pixel spacing unknown (empty cells),
+    the view of the training data (:func:`view_position`), the written image's size. Idempotent: a write interrupted half-way is completed by
     calling it again (``augment generate --resume``). Returns the card (dataset.json).
     """
     (out / "images").mkdir(exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)
     table = []
+    view = view_position(config)
     for r in rows:
         src = shards / r["shard"]
         for rel in [f"images/{r['id']}.png", *r["masks"]]:
             if (src / rel).exists():
                 os.replace(src / rel, out / rel)
         vec = np.array([1.0 if c in r["labels"] else 0.0 for c in classes])
-        table.append({IMAGE_INDEX: f"{r['id']}.png", FINDING_LABELS: finding_string(vec, classes),
-                      PATIENT_ID: r["id"], FILE: f"images/{r['id']}.png", MASK: "|".join(r["masks"]),
+        with Image.open(out / "images" / f"{r['id']}.png") as im:
+            width, height = im.size
+        table.append({IMAGE_INDEX: f"{r['id']}.png", FINDING_LABELS: finding_string(vec, classes), FOLLOW_UP: 0,
+                      PATIENT_ID: r["id"], AGE: "", GENDER: "", VIEW: view, WIDTH: width, HEIGHT: height,
+                      SPACING_X: "", SPACING_Y: "", FILE: f"images/{r['id']}.png", MASK: "|".join(r["masks"]),
                       **{f"{PROB_PREFIX}{c}": round(float(p), 6) for c, p in zip(classes, r["probs"])},
                       GENERATOR: generator, SEED: f"{int(seed)}:{r['attempt']}"})
-    df = pd.DataFrame(table).sort_values(IMAGE_INDEX, kind="stable")
+    columns = [*NIH_COLUMNS, FILE, MASK, *[f"{PROB_PREFIX}{c}" for c in classes], GENERATOR, SEED]
+    df = pd.DataFrame(table, columns=columns).sort_values(IMAGE_INDEX, kind="stable")
     tmp = out / ".labels.csv.tmp"
     df.to_csv(tmp, index=False)
     os.replace(tmp, out / "labels.csv")
@@ -252,13 +277,25 @@ class SyntheticDataset(Dataset):
             if lacking:
                 raise ValueError(f"{where}: labels.csv has no p_ column for {', '.join(lacking)}, "
                                  "so a threshold cannot label it")
-            labels = np.where(np.isnan(probs), np.nan, (probs >= t)).astype(np.float32)
+            # p >= t: positive. p < t for a class the set labelled positive (Finding Labels): rejected at t,
+            # so unlabelled (NaN), never a negative. p < t for a class the set labelled negative: stays 0.
+            written = np.stack([multi_hot(f, self.classes) for f in self._findings]) if n else np.zeros((0, c), np.float32)
+            labels = np.where(probs >= t, 1.0, np.where(written == 1, np.nan, 0.0))
+            labels[np.isnan(probs)] = np.nan
+            labels = labels.astype(np.float32)
             if NO_FINDING in self.classes and NO_FINDING not in self._p:
-                findings = [v for k, v in self._p.items() if k != NO_FINDING]
                 any_pos = np.zeros(n, dtype=bool)
-                for v in findings:
-                    any_pos |= np.nan_to_num(v, nan=0.0) >= t
-                labels[:, self.classes.index(NO_FINDING)] = (~any_pos).astype(np.float32)
+                rejected = np.zeros(n, dtype=bool)  # a written finding below t: whether the image is normal is unknown
+                for k, v in self._p.items():
+                    if k == NO_FINDING:
+                        continue
+                    pos = np.nan_to_num(v, nan=0.0) >= t
+                    any_pos |= pos
+                    was = np.asarray([k in f for f in self._findings], dtype=bool)
+                    rejected |= was & ~pos
+                nf = (~any_pos).astype(np.float32)
+                nf[rejected & ~any_pos] = np.nan
+                labels[:, self.classes.index(NO_FINDING)] = nf
             threshold = t
         self.threshold = threshold
         self.probs = probs
@@ -322,4 +359,4 @@ class SyntheticDataset(Dataset):
                 f"threshold={self.threshold})")
 
 
-__all__ = ["FORMAT", "PROB_PREFIX", "REQUIRED_COLUMNS", "SyntheticDataset", "write_dataset"]
+__all__ = ["FORMAT", "NIH_COLUMNS", "PROB_PREFIX", "REQUIRED_COLUMNS", "SyntheticDataset", "view_position", "write_dataset"]

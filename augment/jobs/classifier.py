@@ -8,6 +8,8 @@ searches. Also the rules that pick the real training rows, shared by every model
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from augment.data.sources import load_table
 from augment.data.synthetic import SyntheticDataset
 from augment.data.table import DataTable, XrayDataset
 from augment.errors import UserError
+from classifiers.classic import ClassicAugment
 from classifiers.evaluate import choose_thresholds, evaluate, predict
 from classifiers.model import load_classifier, save_checkpoint
 from classifiers.train import train_classifier
@@ -58,6 +61,9 @@ def limited_train_indices(table: DataTable, cfg: dict) -> np.ndarray:
     for name, cap in limits.items():
         col = table.column(resolve_classes([name])[0])[idx]
         pos = idx[col == 1]
+        if int(cap) > len(pos):
+            raise UserError(f"classify.limit_positives asks for {int(cap)} {resolve_classes([name])[0]} positives but the "
+                            f"train split of data={table.source} has {len(pos)}: use at most {len(pos)} (or all)")
         if len(pos) > int(cap):
             drop.update(rng.choice(pos, size=len(pos) - int(cap), replace=False).tolist())
     return np.asarray([i for i in idx if i not in drop], dtype=np.int64)
@@ -148,7 +154,7 @@ def train_seed(payload: dict, on_epoch: Any = None) -> dict:
             ckpt_meta={"model_cfg": {**model_cfg, "num_classes": len(classes)}, "classes": classes,
                        "image_size": table.image_size, "extra": {"data_fingerprint": table.fingerprint, "seed": seed}},
             num_workers=int(ccfg["num_workers"]), amp=bool(ccfg["amp"]), sampler=sampler,
-            progress=bool(cfg["progress"]), on_epoch=on_epoch,
+            progress=bool(cfg["progress"]), on_epoch=on_epoch, augment=classic_augment(ccfg) if ccfg["augment"] else None,
         )
         info.update(best_epoch=result.best_epoch, best_val_auc=result.best_val_auc,
                     train_seconds=result.train_seconds, images_per_second=result.images_per_second)
@@ -157,9 +163,140 @@ def train_seed(payload: dict, on_epoch: Any = None) -> dict:
                             image_size=table.image_size, metrics={"best_val_auc": result.best_val_auc})
     val = predict(model, val_ds, device=device)
     thresholds = choose_thresholds(val.probs, val.labels)
+    if not ccfg["checkpoint"]:
+        store_thresholds(ckpt, thresholds)
     test = predict(model, test_ds, device=device)
     metrics = evaluate(test.probs, test.labels, classes, thresholds)
     info.update(test=metrics, val_mean_auc=evaluate(val.probs, val.labels, classes)["mean_auc"],
                 seconds=time.perf_counter() - t0, checkpoint=str(ckpt))
     np.savez_compressed(out / f"seed{seed}" / "test_predictions.npz", probs=test.probs, labels=test.labels)
     return info
+
+
+def store_thresholds(ckpt: Path, thresholds: np.ndarray) -> None:
+    """Add the per-class decision thresholds chosen on validation to a checkpoint (``extra["thresholds"]``),
+    atomically: ``augment classify --checkpoint`` scores new data at them."""
+    data = torch.load(ckpt, map_location="cpu", weights_only=True)
+    data.setdefault("extra", {})["thresholds"] = [float(t) for t in thresholds]
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, ckpt)
+
+
+def classic_augment(ccfg: dict) -> ClassicAugment:
+    """``classify.classic`` as a :class:`ClassicAugment` (bad values: one line)."""
+    ca = ccfg["classic"]
+    try:
+        return ClassicAugment(degrees=float(ca["degrees"]), translate=float(ca["translate"]), scale=list(ca["scale"]),
+                              brightness=float(ca["brightness"]), contrast=float(ca["contrast"]))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"classify.classic: {str(exc).splitlines()[0]}") from None
+
+
+def slot_share(k_batch: int, ratio: float) -> tuple[int, int]:
+    """``(real, slot)`` images per step for a nominal batch of ``k_batch`` at synthetic:real ratio r
+    (as :class:`MixedBatchSampler` splits it); every arm uses the same real count."""
+    k_slot = int(round(k_batch * ratio / (1.0 + ratio)))
+    return k_batch - k_slot, k_slot
+
+
+def oversample_rows(table: DataTable, train_idx: np.ndarray, classes: list[str], generated: list[str],
+                    shares: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Real positives of the generated classes (table rows) and their sampling weights: class c
+    gets ``shares[c]`` of the slot, spread evenly over its positives (a row positive for two
+    generated classes gets both parts)."""
+    weights = np.zeros(len(train_idx))
+    for c in generated:
+        pos = table.column(c)[train_idx] == 1
+        n = int(pos.sum())
+        if n == 0:
+            raise UserError(f"arm oversample: the train split has no {c} positive to repeat "
+                            f"(limit_positives or data): drop the oversample arm or {c}")
+        weights[pos] += float(shares.get(c, 1.0)) / n
+    keep = weights > 0
+    return train_idx[keep], weights[keep]
+
+
+def train_arm(payload: dict) -> dict:
+    """One arm x seed (x low-data point) at the step budget ``payload["steps"]``: a work unit.
+
+    Payload: ``cfg`` (plain, resolved; its ``classify.limit_positives`` already the point's), ``seed``,
+    ``arm`` (see :mod:`augment.arms`), ``out`` (the unit's folder), ``classes``, ``synthetic`` (folders),
+    ``steps``, ``generated`` (classes the oversample slot repeats) and ``shares`` (their slot shares).
+    """
+    from augment.arms import SPEC
+
+    cfg, seed, arm, out = payload["cfg"], int(payload["seed"]), payload["arm"], Path(payload["out"])
+    ccfg = cfg["classify"]
+    classes, steps = payload["classes"], int(payload["steps"])
+    slot, classic = SPEC[arm]
+    classic = classic or bool(ccfg["augment"])
+    table = load_table(cfg["data"], show_progress=False)
+    device = pick_device(str(ccfg["device"]))
+    keep = selected_rows(table, classes, str(ccfg["negatives"]))
+    train_idx = keep(limited_train_indices(table, cfg))
+    train_ds = XrayDataset(table, train_idx, classes)
+    val_ds = XrayDataset(table, keep(table.indices("val")), classes)
+    test_ds = XrayDataset(table, keep(table.indices("test")), classes)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "best.pt"
+    t0 = time.perf_counter()
+    batch, ratio, xi = int(ccfg["batch_size"]), float(ccfg["ratio"]), float(ccfg["xi"])
+    k_real, k_slot = slot_share(batch, ratio)
+    weights = balanced_weights(dataset_labels(train_ds)) if bool(ccfg["balanced"]) else None
+    per_eval = max(1, math.ceil(steps / int(ccfg["epochs"])))  # validation every per_eval steps
+    real_gen = torch.Generator().manual_seed(seed)  # the real part: the same images in every arm of a seed
+    slot_gen = torch.Generator().manual_seed(seed + 1_000_003)
+    ds: Any = train_ds
+    n_slot = 0
+    if slot is None or k_slot == 0:
+        sampler = MixedBatchSampler(len(train_ds), 0, batch_size=k_real, ratio=0.0, generator=real_gen,
+                                    num_batches=per_eval, real_weights=weights)
+    else:
+        slot_weights = None
+        if slot == "synthetic":
+            part = open_synthetic(payload["synthetic"], classes, ccfg["threshold"], table.image_size)
+        else:
+            rows, slot_weights = oversample_rows(table, train_idx, classes, payload["generated"], payload["shares"])
+            part = XrayDataset(table, rows, classes)
+        ds, n_slot = MixedDataset(train_ds, part, xi=xi), len(part)
+        sampler = MixedBatchSampler(len(train_ds), n_slot, batch_size=batch, ratio=ratio, generator=real_gen,
+                                    num_batches=per_eval, real_weights=weights, synthetic_weights=slot_weights,
+                                    slot_generator=slot_gen)
+        if sampler.n_real_per_batch != k_real:  # pragma: no cover - the two splits are one formula
+            raise RuntimeError("real images per step differ between arms")
+    model_cfg = dict(cfg["classifier"])
+    model = build({**model_cfg, "num_classes": len(classes), "init_seed": seed})
+    aug = classic_augment(ccfg) if classic else None
+    result = train_classifier(
+        model, ds, val_ds, epochs=int(ccfg["epochs"]), batch_size=batch, lr=float(ccfg["lr"]),
+        weight_decay=float(ccfg["weight_decay"]), warmup_frac=float(ccfg["warmup_frac"]), device=device, seed=seed,
+        balanced=False, patience=None, ckpt_path=ckpt, max_steps=steps, augment=aug,
+        ckpt_meta={"model_cfg": {**model_cfg, "num_classes": len(classes)}, "classes": classes,
+                   "image_size": table.image_size,
+                   "extra": {"data_fingerprint": table.fingerprint, "seed": seed, "arm": arm, "steps": steps}},
+        num_workers=int(ccfg["num_workers"]), amp=bool(ccfg["amp"]), sampler=sampler, progress=bool(cfg["progress"]),
+    )
+    val = predict(model, val_ds, device=device)
+    thresholds = choose_thresholds(val.probs, val.labels)
+    store_thresholds(ckpt, thresholds)
+    test = predict(model, test_ds, device=device)
+    np.savez_compressed(out / "test_predictions.npz", probs=test.probs, labels=test.labels)
+    return {"arm": arm, "seed": seed, "point": payload.get("point"), "steps": result.steps,
+            "real_per_step": k_real, "slot_per_step": k_slot if slot else 0, "classic": classic,
+            "n_train_real": len(train_ds), "n_slot": n_slot, "best_epoch": result.best_epoch,
+            "best_val_auc": result.best_val_auc, "val_mean_auc": evaluate(val.probs, val.labels, classes)["mean_auc"],
+            "test": evaluate(test.probs, test.labels, classes, thresholds), "thresholds": [float(t) for t in thresholds],
+            "train_seconds": result.train_seconds, "images_per_second": result.images_per_second,
+            "seconds": time.perf_counter() - t0, "checkpoint": str(ckpt)}
+
+
+class ArmRunner:
+    """Arm units in a long-lived worker (:class:`augment.runtime.StatefulPool`): ``run(spec)`` trains
+    ``{**payload, **spec}``."""
+
+    def __init__(self, payload: dict) -> None:
+        self.payload = payload
+
+    def run(self, spec: dict) -> dict:
+        return train_arm({**self.payload, **spec})

@@ -152,3 +152,31 @@ def test_real_weights_balance_the_real_part_and_keep_the_ratio() -> None:
     assert 0.4 < share < 0.6  # without weights it would be about 10/90
     with pytest.raises(ValueError, match="real_weights"):
         MixedBatchSampler(90, 30, batch_size=16, ratio=1.0, generator=torch.Generator(), real_weights=w[:5])
+
+
+def test_slot_generator_keeps_the_real_part_the_same_whatever_fills_the_slot() -> None:
+    """The arms of one seed see the same real images: with a separate slot generator the real
+    indices depend on the real generator alone (an arm without a slot draws them too)."""
+    def real_parts(n_syn: int, ratio: float, batch: int, weights=None) -> list[list[int]]:
+        s = MixedBatchSampler(30, n_syn, batch_size=batch, ratio=ratio, generator=torch.Generator().manual_seed(5),
+                              slot_generator=torch.Generator().manual_seed(9), num_batches=12, real_weights=weights)
+        return [[i for i in b if i < 30] for b in s]
+
+    with_slot = real_parts(7, 0.5, 12)
+    assert all(len(b) == 8 for b in with_slot)
+    assert real_parts(0, 0.0, 8) == with_slot  # the real arm: 8 real, no slot
+    assert real_parts(50, 0.5, 12) == with_slot  # another slot set
+    w = [1.0 + (i % 3) for i in range(30)]
+    assert real_parts(0, 0.0, 8, w) == real_parts(7, 0.5, 12, w)
+    shared = MixedBatchSampler(30, 7, batch_size=12, ratio=0.5, generator=torch.Generator().manual_seed(5), num_batches=12)
+    assert [[i for i in b if i < 30] for b in shared] != with_slot  # one generator for both: the slot shifts the real draws
+
+
+def test_synthetic_weights_draw_the_slot_in_proportion() -> None:
+    s = MixedBatchSampler(10, 4, batch_size=4, ratio=1.0, generator=torch.Generator().manual_seed(0),
+                          num_batches=500, synthetic_weights=[0.0, 1.0, 0.0, 3.0])
+    slot = [i - 10 for b in s for i in b if i >= 10]
+    counts = np.bincount(slot, minlength=4)
+    assert counts[0] == counts[2] == 0 and 2.5 < counts[3] / counts[1] < 3.5
+    with pytest.raises(ValueError, match="synthetic_weights"):
+        MixedBatchSampler(10, 4, batch_size=4, ratio=1.0, generator=torch.Generator(), synthetic_weights=[1.0])

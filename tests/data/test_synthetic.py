@@ -117,9 +117,14 @@ def test_threshold_changes_labels_not_images(tmp_path: Path) -> None:
     before = _digest(tmp_path)
     p = np.array([[float(r["p_Edema"]), float(r["p_Hernia"])] for r in rows], dtype=np.float32)
     low, high = SyntheticDataset(tmp_path, threshold=0.2), SyntheticDataset(tmp_path, threshold=0.8)
+    written = p >= 0.5  # the folder's Finding Labels
     np.testing.assert_array_equal(low.labels, (p >= 0.2).astype(np.float32))
-    np.testing.assert_array_equal(high.labels, (p >= 0.8).astype(np.float32))
-    assert low.labels.sum() > high.labels.sum()
+    # t above the set's threshold: a class written positive but below t is unlabelled (NaN), never a negative
+    want = np.where(p >= 0.8, 1.0, np.where(written, np.nan, 0.0)).astype(np.float32)
+    np.testing.assert_array_equal(high.labels, want)
+    rejected = written & (p < 0.8)
+    assert rejected.any() and np.isnan(high.labels[rejected]).all() and not (high.labels == 0)[rejected].any()
+    assert np.nansum(low.labels) > np.nansum(high.labels)
     for i in range(len(rows)):
         assert torch.equal(low[i]["image"], high[i]["image"])
         assert torch.equal(low[i]["masks"], high[i]["masks"])
@@ -127,8 +132,10 @@ def test_threshold_changes_labels_not_images(tmp_path: Path) -> None:
 
     view = synthetic_view(low, ["Edema", "No Finding"], 0.8)
     assert view.classes == ["Edema", "No Finding"] and view.threshold == 0.8
-    no_finding = ~((p >= 0.8).any(1))
-    np.testing.assert_array_equal(view.labels, np.stack([(p[:, 0] >= 0.8), no_finding], 1).astype(np.float32))
+    any_pos = (p >= 0.8).any(1)
+    no_finding = np.where(any_pos, 0.0, np.where(rejected.any(1), np.nan, 1.0))
+    edema = np.where(p[:, 0] >= 0.8, 1.0, np.where(written[:, 0], np.nan, 0.0))
+    np.testing.assert_array_equal(view.labels, np.stack([edema, no_finding], 1).astype(np.float32))
     assert low.threshold == 0.2 and low.classes == CLASSES  # the original view is unchanged
     assert torch.equal(view[3]["image"], low[3]["image"])
 
@@ -287,3 +294,57 @@ def test_paths_that_leave_the_folder_are_refused(tmp_path, column, escape):
         w.writerows(rows)
     with pytest.raises(ValueError, match="outside the folder"):
         SyntheticDataset(root)
+
+
+def _written_set(tmp_path, config):
+    from augment.data.synthetic import write_dataset
+    from cxrbase import write_png
+
+    shards, out = tmp_path / "set" / ".shards", tmp_path / "set"
+    rows = []
+    specs = [("edema-00000001", ["Edema"]), ("hernia-00000002", ["Hernia"]), ("both-00000003", ["Edema", "Hernia"]),
+             ("none-00000004", [])]
+    for k, (name, labels) in enumerate(specs):
+        write_png(shards / "s0" / "images" / f"{name}.png", np.full((32, 24), 40 + k, np.uint8))
+        rows.append({"id": name, "attempt": k, "labels": labels, "masks": [], "shard": "s0",
+                     "probs": [0.9 if c in labels else 0.1 for c in CLASSES]})
+    write_dataset(out, shards, rows, CLASSES, generator="cgan", seed=3, counts={"Edema": 2, "Hernia": 2},
+                  rejected=0, threshold=0.5, config=config, versions={}, checkpoints={}, timings={})
+    return out, specs
+
+
+def test_labels_csv_has_the_nih_data_entry_columns_with_honest_values(tmp_path):
+    import pandas as pd
+
+    from augment.data.synthetic import NIH_COLUMNS
+
+    out, specs = _written_set(tmp_path, {"data": {"name": "phantom"}})
+    with open(out / "labels.csv") as fh:
+        header = next(csv.reader(fh))
+    nih = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+           "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"]
+    assert header[:11] == nih == list(NIH_COLUMNS)
+    assert header[11:] == ["file", "mask", "p_Edema", "p_Hernia", "generator", "seed"]  # ours kept
+    df = pd.read_csv(out / "labels.csv")
+    assert (df["Follow-up #"] == 0).all() and (df["View Position"] == "PA").all()
+    assert (df["OriginalImage[Width"] == 24).all() and (df["Height]"] == 32).all()
+    # unknown age, sex and pixel spacing are missing values, as a reader of the NIH file sees gaps
+    assert df[["Patient Age", "Patient Gender", "OriginalImagePixelSpacing[x", "y]"]].isna().all().all()
+    assert df["Patient ID"].tolist() == sorted(n for n, _ in specs)
+    # a source that does not say its view leaves the view unknown
+    other, _ = _written_set(tmp_path / "b", {"data": {"name": "folder"}})
+    assert pd.read_csv(other / "labels.csv")["View Position"].isna().all()
+
+
+def test_torchxrayvision_nih_dataset_reads_a_written_set(tmp_path):
+    xrv = pytest.importorskip("torchxrayvision")
+    out, specs = _written_set(tmp_path, {"data": {"name": "phantom"}})
+    ds = xrv.datasets.NIH_Dataset(imgpath=str(out / "images"), csvpath=str(out / "labels.csv"))
+    assert len(ds) == len(specs)
+    by_id = {Path(i).stem: k for k, i in enumerate(ds.csv["Image Index"])}
+    for name, labels in specs:
+        row = ds.labels[by_id[name]]
+        for c in ("Edema", "Hernia", "Effusion"):
+            assert row[ds.pathologies.index(c)] == float(c in labels), (name, c)
+    sample = ds[by_id["both-00000003"]]
+    assert sample["img"].shape == (1, 32, 24)
