@@ -4,7 +4,9 @@ Not a stage: it calls the stages (train, classify, generate, evaluate) in order,
 
 train (samplers, translator and the pseudo-labelling classifier in parallel Ray actors) ->
 baseline (real-only classifiers over seeds) -> generate (pseudo-labeled images with masks) ->
-augmented (real + synthetic classifiers over the same seeds) -> evaluate (FID/KID/IS/PR, class
+augmented (the fair comparison, ``run.arms``: real, classic augmentation, oversampled real positives,
+synthetic and synthetic + classic, every arm at the same step budget over the same seeds, with the
+low-data curve when ``run.curve`` names points; ``run.arms=[]`` gives the old real + synthetic run) -> evaluate (FID/KID/IS/PR, class
 fidelity, mask metrics) -> report (report.md, report.html).
 
 Each step writes into ``<out>/<step>/`` and a ``done.json`` with the hash of the configuration it
@@ -42,7 +44,7 @@ DEPENDS = {
     "train": ("data", "classes", "seed", "generator", "translator", "classifier", "train", "run"),
     "baseline": ("classify",),
     "generate": ("generate", "mask"),
-    "augmented": (),
+    "augmented": ("run_arms",),
     "evaluate": ("evaluate",),
     "report": (),
 }
@@ -51,7 +53,9 @@ FOLDER = {"generate": "synthetic"}
 
 def step_hashes(cfg: DictConfig) -> dict[str, str]:
     plain = to_dict(cfg)
-    plain["run"] = {k: v for k, v in (plain.get("run") or {}).items() if k != "from_step"}  # how to run, not what
+    run = plain.get("run") or {}
+    plain["run"] = {k: v for k, v in run.items() if k not in ("from_step", "arms", "curve")}  # how to run, not what
+    plain["run_arms"] = {k: run.get(k) for k in ("arms", "curve")}  # only the comparison depends on these
     hashes, acc = {}, hashlib.sha256()
     for step in STEPS:
         for key in DEPENDS[step]:
@@ -106,11 +110,18 @@ def run(cfg: DictConfig, out: Path, overrides: list[str] | None = None) -> dict:
             metrics = train_stage.train(cfg, folder, overrides=[*base_overrides, *fams])
             summary = {f: {"steps_per_second": m.get("steps_per_second"), "seconds": m.get("seconds")}
                        for f, m in metrics["models"].items()}
-        elif step in ("baseline", "augmented"):
+        elif step == "baseline" or (step == "augmented" and not rcfg.arms):
             syn = [str((out / "synthetic").resolve())] if step == "augmented" else []
             step_cfg = _with(cfg, **{"classify.synthetic": syn})
             metrics = classify_stage.classify(step_cfg, folder)
             summary = {"mean_auc": metrics["summary"]["mean_auc"], "auc": {c: v["mean"] for c, v in metrics["summary"]["auc"].items()}}
+        elif step == "augmented":  # the fair comparison: every arm at the same step budget (run.arms, run.curve)
+            step_cfg = _with(cfg, **{"classify.synthetic": [str((out / "synthetic").resolve())],
+                                     "classify.arms": list(rcfg.arms), "classify.curve": list(rcfg.curve or [])})
+            metrics = classify_stage.classify(step_cfg, folder)
+            comparison = metrics.get("comparison") or metrics["curve"][metrics["points"][-1]]
+            summary = {"mode": "arms", "mean_auc": {a: v["auc"]["mean_auc"]["mean"] for a, v in comparison["arms"].items()},
+                       "best_control": comparison.get("best_control")}
         elif step == "generate":
             step_cfg = _with(cfg, **{"generate.models": str(models.resolve()), "generate.overwrite": True,
                                      "generate.sampler": str(rcfg.generators[0]),

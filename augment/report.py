@@ -196,6 +196,62 @@ def _grid_inputs(run: Path, cfg: dict, classes: list[str], per_class: int) -> tu
     return real, syn
 
 
+def _arms_section(run: Path, aug: dict, figs: Path) -> list[str]:
+    """The headline: every arm at one step budget, paired by seed (``augment classify --arms``)."""
+    from augment.arms import curve_plot
+
+    arms, classes = list(aug["arms"]), list(aug["classes"])
+    md = ["## Does the synthetic data help? Arms at an equal training budget", "",
+          f"{aug['model']} at {aug['image_size']} px on data={aug['data']}, seeds {', '.join(map(str, aug['seeds']))}. "
+          "Every arm trains the same number of optimizer steps with the same real images per step: `real` (real images "
+          "only), `classic` (standard augmentation), `oversample` (the synthetic slot filled with repeated real positives), "
+          "`synthetic` and `synthetic+classic`. Differences are paired by seed with a 95 % t-interval; * marks an "
+          "interval that excludes 0. The test split is internal (one source), which flatters every arm.", ""]
+    if "curve" in aug:
+        for point in aug["points"]:
+            md += [f"### {point} real positives per class", "", aug["table"][point], ""]
+        plot = curve_plot(aug["curve"], arms, classes, figs / "curve.png", "test AUC vs real positives")
+        md += [f"![test AUC vs real positives]({plot.relative_to(run)})", ""]
+    else:
+        budget = aug.get("budget") or {}
+        md += [f"{budget.get('steps', '?')} steps per arm and seed, batch {budget.get('batch_size', '?')} = "
+               f"{budget.get('real_per_step', '?')} real + {budget.get('slot_per_step', '?')} slot images.", "",
+               aug["table"], ""]
+        bars = arms_figure(aug["comparison"], arms, classes, figs / "arms.png")
+        md += [f"![test AUC per arm]({bars.relative_to(run)})", ""]
+    return md
+
+
+def arms_figure(comparison: dict, arms: list[str], classes: list[str], path: Path) -> Path:
+    """Grouped bars: test AUC per class (and the mean) for each arm, mean ± sd over seeds, seeds as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [*classes, "mean_auc"]
+    width = 0.8 / max(1, len(arms))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(keys), 3.4))
+    for i, arm in enumerate(arms):
+        auc = comparison["arms"][arm]["auc"]
+        xs = [k + (i - (len(arms) - 1) / 2) * width for k in range(len(keys))]
+        means = [auc[k]["mean"] if auc[k]["mean"] is not None else float("nan") for k in keys]
+        sds = [auc[k]["sd"] or 0.0 for k in keys]
+        ax.bar(xs, means, width, yerr=sds, capsize=2, label=arm, color=plt.cm.tab10(i))
+        for x, k in zip(xs, keys):
+            vals = [v for v in auc[k]["values"].values() if v is not None]
+            ax.plot([x] * len(vals), vals, "k.", markersize=3)
+    ax.set_xticks(range(len(keys)), [("mean AUC" if k == "mean_auc" else k) for k in keys])
+    ax.set_ylim(0.4, 1.0)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_ylabel("test AUC")
+    ax.legend(fontsize=7, ncol=min(5, len(arms)), loc="upper center", bbox_to_anchor=(0.5, 1.18), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def build_report(run: Path, cfg: dict, timings: dict[str, float]) -> dict[str, Path]:
     """Write ``report.md`` and ``report.html`` into ``run``; returns their paths."""
     run = Path(run)
@@ -226,7 +282,9 @@ def build_report(run: Path, cfg: dict, timings: dict[str, float]) -> dict[str, P
     except (OSError, ValueError, KeyError) as exc:
         md += ["## Real vs synthetic samples", "", f"not available: {exc}", ""]
     summary: dict[str, Any] = {}
-    if base and aug:
+    if aug and aug.get("mode") == "arms":
+        md += _arms_section(run, aug, figs)
+    elif base and aug:
         rows, summary = auc_table(base, aug)
         md += ["## Classifier AUC on the held-out test split", "",
                f"{base['model']} at {base['image_size']} px, {len(base['seeds'])} seed(s); difference = augmented - baseline, "

@@ -30,10 +30,20 @@ def test_run_smoke_writes_every_step_and_the_report(smoke_run):
 
 def test_report_structure(smoke_run):
     md = (smoke_run / "report.md").read_text()
-    for heading in ("## Configuration", "## Real vs synthetic samples", "## Classifier AUC on the held-out test split",
+    for heading in ("## Configuration", "## Real vs synthetic samples",
+                    "## Does the synthetic data help? Arms at an equal training budget",
                     "## Image quality", "## Mask quality", "## Timings and throughput", "## Versions"):
         assert heading in md, heading
-    assert re.search(r"\| Edema \| [0-9.]+ \| [0-9.]+ \| [+-][0-9.]+ \|", md)
+    # the headline is the fair comparison: every arm, the same steps, paired differences against real and the best control
+    steps = set()
+    for arm in ("real", "classic", "oversample", "synthetic", "synthetic+classic"):
+        row = re.search(rf"^\| {re.escape(arm)} \| [0-9.]+ ± [0-9.]+ \|.*\| ([0-9]+) \|$", md, re.M)
+        assert row, arm
+        steps.add(row.group(1))
+    assert len(steps) == 1  # equal budget
+    assert "| synthetic − real |" in md and re.search(r"\| synthetic − (real|classic|oversample) \(best control\) \|", md)
+    m = json.loads((smoke_run / "augmented" / "metrics.json").read_text())
+    assert m["mode"] == "arms" and len({n for a in m["steps"].values() for n in a.values()}) == 1
     assert re.search(r"requested at pseudo-label threshold t=[0-9.]+; kept [0-9]+ \(Edema [0-9]+", md)
     html = (smoke_run / "report.html").read_text()
     assert html.count("<img") >= 2 and html.count("data:image/png;base64,") == html.count("<img")
@@ -54,6 +64,13 @@ def test_rerun_skips_done_steps_and_from_reruns_later_ones(smoke_run, capsys):
     assert main(["run", *RUN, "--out", str(smoke_run), "classify.lr=0.002"]) == 0
     out = capsys.readouterr().out
     assert "[train] up to date" in out and "[baseline] running" in out and "[generate] running" not in out.split("[baseline]")[0]
+    # run.arms=[] gives the single real + synthetic run against the baseline, and only the comparison reruns
+    assert main(["run", *RUN, "--out", str(smoke_run), "classify.lr=0.002", "run.arms=[]"]) == 0
+    out = capsys.readouterr().out
+    assert "[baseline] up to date" in out and "[augmented] running" in out
+    md = (smoke_run / "report.md").read_text()
+    assert "## Classifier AUC on the held-out test split" in md and "Arms at an equal training budget" not in md
+    assert re.search(r"\| Edema \| [0-9.]+ \| [0-9.]+ \| [+-][0-9.]+ \|", md)
 
 
 def test_bad_from_step(tmp_path, capsys):

@@ -98,6 +98,7 @@ def test_three_translators_train_in_parallel_ray_actors_and_evaluate(in_tmp, tin
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(900)  # ~60 s on an idle 2-core machine; 270 s seen under a load of 10
 def test_parallel_ray_actors_and_a_killed_actor_resumes_to_the_final_step(in_tmp, tiny):
     """Two families train at once in Ray actors; an actor killed mid-training is restarted by Ray
     and resumes from its checkpoint to the same final step."""
