@@ -97,6 +97,9 @@ COMMANDS: dict[str, Command] = {
         (("--synthetic",), {"metavar": "DIR", "help": "a synthetic dataset folder (augment generate output)"},
          "evaluate.synthetic='{}'"),
         (("--models",), {"help": "a train run folder (default: runs/train/latest)"}, "evaluate.models='{}'"),
+        (("--localisation",), {"help": "real lesion sets to score the mask sources on, comma-separated: nih_bbox, "
+                                         "covidqu_infection, jsrt_nodules (random, Grad-CAM, Grad-CAM++ and the translators)"},
+         "evaluate.localisation=[{}]"),
     ]),
     "search": Command("search", "augment.search:search",
                       "Optuna search (search=pseudo_label|ucgan_weights|translator_weights): trials share one study; "

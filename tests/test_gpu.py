@@ -24,7 +24,8 @@ TINY = ["experiment=smoke", "runtime=inline", "progress=false", "data.n=240", "t
 
 
 def _device(d: str) -> list[str]:
-    return [f"train.device={d}", f"classify.device={d}", f"generate.device={d}", "train.amp=true", "classify.amp=true"]
+    return [f"train.device={d}", f"classify.device={d}", f"generate.device={d}", f"evaluate.device={d}", "train.amp=true",
+            "classify.amp=true"]
 
 
 def _rows(path) -> list[dict]:

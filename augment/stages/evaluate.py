@@ -6,6 +6,13 @@ run on the test split (the protocol is described there), beside a ``reference`` 
 Image quality (``--synthetic DIR``): FID (domain features by default), KID, IS, precision/recall and
 class fidelity, per class and overall, each beside its floor: the same metric between the real
 train and test splits. Each metric is one entry of :data:`IMAGE_METRICS` or :data:`MASK_COLUMNS`.
+
+Localisation on real lesions (``evaluate.localisation=[nih_bbox,covidqu_infection,jsrt_nodules]``):
+the random-map control, Grad-CAM and Grad-CAM++ of the classifier (``evaluate.sources``) and every
+translator of ``--models`` go through the same mask rule; per set a box table (Wang et al. 2017's
+T(IoBB) / IoU accuracy at 0.1 / 0.25 / 0.5 and the pointing game, per finding), a mask table (Dice /
+IoU / PoI / detection AUC against pixel masks, lung containment) and an overlay PNG
+(:mod:`augment.jobs.saliency`).
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from augment.data.labels import NO_FINDING, VOCABULARY
 from augment.data.sources import load_table
 from augment.data.synthetic import SyntheticDataset
 from augment.data.table import DataTable
+from augment.data.lesions import LESION_SETS, load_lesion_set
 from augment.errors import UserError
 from augment.jobs.masks import mask_metrics, mask_rule, reference_mask_metrics
+from augment.jobs.saliency import build_sources, localise
 from augment.metrics import fid as F
 from augment.metrics import scores as S
 from augment.models import LATEST, classifier_checkpoint, find_models, sha256, translator_checkpoints
@@ -48,6 +57,14 @@ class ImageMetric:
     compute: Callable[..., dict[str, float | None]]
     per_class: bool = True  # also computed per class (FID, KID, PR) or overall only (IS)
 
+
+
+def _device(ecfg) -> "torch.device":
+    """``evaluate.device`` (auto = CUDA when present); ``cpu`` keeps every model of the stage off the GPU."""
+    try:
+        return resolve_device(str(ecfg.device))
+    except ValueError as exc:
+        raise UserError(f"evaluate.device: {exc}") from None
 
 def _fid(real: np.ndarray, feats: np.ndarray, probs: np.ndarray | None, ecfg: Any, stats: Any) -> dict:
     return {"fid": F.fid_from_stats(stats, F.statistics(feats, extractor_id=stats.extractor_id)).value}
@@ -119,7 +136,7 @@ def image_quality(cfg: DictConfig, table: DataTable, classes: list[str], synthet
         raise UserError(f"synthetic images are {sizes.pop()} px but data.image_size={table.image_size}: "
                         "set data.image_size to the synthetic size")
     cls_eval = [c for c in syn_classes if c in classes] or syn_classes
-    device = resolve_device("auto")
+    device = _device(ecfg)
     kind = str(ecfg.fid.extractor)
     probs_model, meta, path = _feature_model(models, ecfg.feature_checkpoint)
     if kind == "inception":
@@ -210,16 +227,27 @@ def evaluate(cfg: DictConfig, out: Path) -> dict:
     synthetic = Path(str(ecfg.synthetic)).expanduser().resolve() if ecfg.synthetic else None
     if synthetic is not None and not synthetic.is_dir():
         raise UserError(f"--synthetic {synthetic} does not exist: pass a folder written by `augment generate`")
+    sets = [str(s) for s in (ecfg.localisation or [])]
+    unknown = [s for s in sets if s not in LESION_SETS]
+    if unknown:
+        raise UserError(f"evaluate.localisation names unknown set(s) {', '.join(unknown)}: use {', '.join(LESION_SETS)}")
     models = None
     if ecfg.models or LATEST.is_file():
         models = find_models(ecfg.models)
-    if synthetic is None and models is None:
-        raise UserError("nothing to evaluate: pass --synthetic DIR and/or train translators first (`augment train`)")
+    if synthetic is None and models is None and not sets:
+        raise UserError("nothing to evaluate: pass --synthetic DIR, train translators first (`augment train`) "
+                        "and/or set evaluate.localisation=[nih_bbox,covidqu_infection]")
+    result: dict[str, Any] = {"versions": versions()}
+    md: list[str] = []
+    if sets:
+        loc = localisation(cfg, sets, models, out)
+        result["localisation"] = loc
+        md += localisation_markdown(loc)
+    if models is None and synthetic is None:
+        return _finish(result, md, out)
     table = load_table(cfg.data, show_progress=cfg.progress)
     classes = resolve_classes(cfg.classes, table, allow_no_finding=False)
-    result: dict[str, Any] = {"data": table.source, "image_size": table.image_size, "classes": classes,
-                              "versions": versions()}
-    md: list[str] = []
+    result.update({"data": table.source, "image_size": table.image_size, "classes": classes})
     if models is not None:
         mask_cfg = mask_rule(cfg)
         masks = {fam: mask_metrics(table, classes, ck, mask_cfg, figure=out / f"masks_{fam}.png")
@@ -247,7 +275,74 @@ def evaluate(cfg: DictConfig, out: Path) -> dict:
                 for c, r in iq["per_class"].items()]
         md.append("### Per class\n\n" + markdown_table(rows, ["class", "n", "FID", "floor", "KID", "floor", "precision", "recall",
                                                               "fidelity", "floor"]))
+    return _finish(result, md, out)
+
+
+def _finish(result: dict, md: list[str], out: Path) -> dict:
     text = "\n\n".join(md)
     (out / "metrics.md").write_text(text + "\n")
     print(text)
     return result
+
+
+#: The box table's columns: (key in a source's per-finding box row, header).
+BOX_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("iobb@0.1", "IoBB>0.1"), ("iobb@0.25", "IoBB>0.25"), ("iobb@0.5", "IoBB>0.5"),
+    ("iou@0.1", "IoU>0.1"), ("iou@0.25", "IoU>0.25"), ("iou@0.5", "IoU>0.5"), ("pointing", "pointing"),
+)
+#: The lesion-mask table's columns: (key in a source's per-finding mask row, header).
+LESION_MASK_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("dice_mean", "Dice"), ("iou_mean", "IoU"), ("poi_mean", "PoI"), ("detection_auc", "det. AUC"),
+    ("lung_containment_mean", "in lungs"), ("n_lesion_images", "n lesion"), ("n_normal_images", "n normal"),
+)
+
+
+def localisation(cfg: DictConfig, sets: list[str], models: Path | None, out: Path) -> dict:
+    """Scores of the mask sources (``evaluate.sources`` and the translators of ``models``) on the real
+    lesion sets ``sets`` (:mod:`augment.jobs.saliency`), with one overlay PNG per set."""
+    ecfg = cfg.evaluate
+    size = int(ecfg.localisation_size)
+    classifier = Path(str(ecfg.classifier)).expanduser() if ecfg.classifier else (
+        classifier_checkpoint(models) if models is not None else None)
+    translators = translator_checkpoints(models) if models is not None else {}
+    sources = build_sources([str(s) for s in ecfg.sources], seed=int(cfg.seed), size=size, classifier=classifier,
+                            translators=translators, layer=ecfg.gradcam_layer, random_cell_px=int(ecfg.random_cell_px),
+                            batch_size=int(ecfg.batch_size), device=_device(ecfg))
+    limit = None if ecfg.limit is None else int(ecfg.limit)
+    real_root = Path(str(ecfg.real_root)) if ecfg.real_root else None
+    result: dict[str, Any] = {"classifier": str(classifier) if classifier else None,
+                              "translators": {k: str(v) for k, v in translators.items()},
+                              "sources": [s.name for s in sources], "seed": int(cfg.seed)}
+    loaded = {name: load_lesion_set(name, Path(str(ecfg.lesions_root)), real_root, size=size, limit=limit)
+              for name in sets}  # every set is checked before any is scored
+    for name, ls in loaded.items():
+        fig = out / f"localisation_{name}.png" if int(ecfg.overlays) > 0 else None
+        result[name] = localise(ls, sources, mask_rule(cfg), n_examples=int(ecfg.overlays), figure=fig)
+    return result
+
+
+def localisation_markdown(loc: dict) -> list[str]:
+    """The box table and the mask table of each lesion set."""
+    md = []
+    for name, r in loc.items():
+        if not isinstance(r, dict) or "boxes" not in r:
+            continue
+        if r["boxes"]:
+            findings = list(dict.fromkeys(f for t in r["boxes"].values() for f in t))
+            findings = [f for f in findings if f != "mean"] + ["mean"]
+            rows = [[f, src, t[f]["n_boxes"], *[_fmt(t[f].get(k)) for k, _ in BOX_COLUMNS]]
+                    for f in findings for src, t in r["boxes"].items() if f in t]
+            md.append(f"### Box localisation: {name} ({r['n_images']} images, {r['n_boxes']} boxes, {r['size']} px; "
+                      "Wang et al. 2017: a box is found when a predicted region's T(IoBB) / IoU exceeds the threshold)\n\n"
+                      + markdown_table(rows, ["finding", "source", "boxes", *[h for _, h in BOX_COLUMNS]]))
+        if r["masks"]:
+            rows = [[f, src, *[_fmt(v.get(k)) for k, _ in LESION_MASK_COLUMNS]]
+                    for src, per in r["masks"].items() for f, v in per.items()]
+            md.append(f"### Lesion masks: {name}\n\n" + markdown_table(rows, ["finding", "source",
+                                                                            *[h for _, h in LESION_MASK_COLUMNS]]))
+        if r.get("not_scored"):
+            md.append("Not scored (the classifier has no such output): " + "; ".join(
+                f"{s}: {', '.join(fs)}" for s, fs in r["not_scored"].items()))
+        if r.get("figure"):
+            md.append(f"Overlays: `{r['figure']}`")
+    return md
