@@ -8,8 +8,11 @@ masks in {0, 1}.
 - ``base``: the ``GANSystem`` / ``Sampler`` / ``Translator`` protocols and the capability attributes
   (``kind``, ``conditional``, ``adds_no_finding``) every family declares.
 - ``adversarial``: losses (bce, hinge, lsgan, wgan), gradient penalty, R1, ``frozen``, noise draws and
-  ``discriminate``, the one seam where every family's discriminator sees images.
-- ``cgan``, ``ucgan`` (samplers, on the DCGAN blocks of ``nets``); ``translators/`` ``fixed_point``,
+  ``discriminate``, the one seam where every family's discriminator sees images; there the few-shot
+  tools act for every family: differentiable augmentation (fixed or ADA probability) and LeCam
+  (``DiscriminatorRegulariser``, built from each family's ``diffaug*`` / ``ada_*`` / ``lecam_*`` keys).
+- ``cgan``, ``ucgan`` (samplers, on the DCGAN blocks of ``nets``; CGAN also on the FastGAN-style
+  blocks of ``fastgan``, ``arch="fastgan"``); ``translators/`` ``fixed_point``,
   ``taggan``, ``branched``.
 - ``train``: ``fit`` and its hooks; ``checkpoint``: checkpoint files; ``masks``: difference maps -> masks.
 """

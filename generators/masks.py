@@ -216,6 +216,10 @@ def per_finding_masks(
     current labels minus that finding (a single-finding image is translated to ``No Finding``), and the
     difference map becomes a mask with that finding's sign.
 
+    On a multi-finding image that request removes one finding and keeps the others.  A translator
+    declaring ``partial_removal = False`` (TagGAN without partial-removal training) was never trained
+    on such a request, so it is refused rather than answered with an untrained map.
+
     Args:
         translator: any :class:`~generators.base.Translator`.
         x: images B x 1 x H x W in [-1, 1].
@@ -251,6 +255,13 @@ def per_finding_masks(
         lung = _to_numpy(lung_mask)
         if lung.ndim == 4 and lung.shape[0] != x.shape[0]:
             raise MaskRuleError(f"lung_mask has {lung.shape[0]} images for {x.shape[0]} inputs")
+    multi = current.sum(1) > 1
+    if getattr(translator, "partial_removal", True) is False and bool(multi.any()):
+        raise MaskRuleError(
+            f"{type(translator).__name__} was not trained to remove one finding and keep the others, but "
+            f"{int(multi.sum())} image(s) have several findings; retrain it with partial removal (TagGAN: "
+            "partial_removal > 0 and use_backward_cycle: true) or pass single-finding images"
+        )
     masks: dict[str, Tensor] = {}
     for j, name in enumerate(classes):
         rows = labels[:, j].nonzero().flatten()

@@ -4,6 +4,9 @@ Data: dataset items follow the ``cxrbase`` item contract (``"image"`` uint8 1 x 
 float C; 1, 0 or NaN).  Each batch reaches ``system.training_step`` as ``{"x": B x 1 x H x W float in
 [-1, 1], "y": B x C float with NaN -> 0}`` on the training device.
 
+A system with ``real_batches_per_step = k`` (CGAN with ``k = n_critic``) receives ``k * batch_size``
+images per step, ``k`` fresh real batches for its ``k`` critic updates.
+
 Determinism: batch ``s`` is a pure function of ``(seed, s)``: the index stream is the concatenation of
 per-epoch orders, epoch ``e`` being a permutation (or, with ``balanced``, a weighted draw with
 replacement) from a ``torch.Generator`` seeded with ``(seed, e)``.  The ``torch.Generator`` handed to
@@ -154,11 +157,20 @@ def ema_decay_at(decay: float, updates: int) -> float:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, module: nn.Module, decay: float) -> None:
-    """``ema = decay * ema + (1 - decay) * module`` for parameters; buffers (BN statistics) are copied."""
+    """``ema = decay * ema + (1 - decay) * module`` for parameters *and* floating-point buffers.
+
+    Batch-norm running statistics are averaged with the same decay as the weights, so the EMA
+    generator normalises with statistics that belong to averaged weights rather than to the live
+    generator's latest ones (copying them made the EMA G in eval mode twice as far from its own batch
+    statistics as the live G).  Integer buffers (``num_batches_tracked``) are copied.
+    """
     for pe, p in zip(ema.parameters(), module.parameters()):
         pe.lerp_(p.detach().to(pe.dtype), 1.0 - decay)
     for be, b in zip(ema.buffers(), module.buffers()):
-        be.copy_(b)
+        if be.is_floating_point():
+            be.lerp_(b.detach().to(be.dtype), 1.0 - decay)
+        else:
+            be.copy_(b)
 
 
 def image_grid(x: Tensor, nrow: int = 8, pad: int = 2) -> np.ndarray:
@@ -242,6 +254,8 @@ class LoopConfig:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... or ``"auto"`` (CUDA when available).
         amp: bf16 autocast around ``training_step`` on CUDA (ignored on CPU).
         balanced: class-balanced sampling (weights from label frequencies), so rare classes are learned.
+            A system with a ``balanced_batches`` attribute other than None overrides it (UCGAN's
+            documented choice, see ``generators.ucgan``).
         num_workers: DataLoader worker processes.
         ema_decay: keep an exponential moving average of ``system.G`` with this decay (e.g. 0.999).
     """
@@ -467,7 +481,8 @@ class CheckpointHook(HookBase):
             "done": state.step >= loop.max_steps,
             "metrics": state.metrics,
             "fit": {"seed": loop.seed, "batch_size": loop.batch_size, "max_steps": loop.max_steps,
-                    "balanced": loop.balanced, "ema_decay": loop.ema_decay, "amp": state.amp},
+                    "balanced": effective_balanced(state.system, loop), "ema_decay": loop.ema_decay,
+                    "amp": state.amp, "real_batches_per_step": real_batches_per_step(state.system)},
             "versions": versions("augment", "timm"),
         }
         save_checkpoint(self.path, payload)
@@ -530,6 +545,20 @@ def _resume(state: TrainState, path: Path) -> None:
     if fit_cfg and (fit_cfg.get("seed"), fit_cfg.get("batch_size")) != (state.loop.seed, state.loop.batch_size):
         log.warning("resuming %s with another seed/batch size: batches differ from the original run", path)
     log.info("resumed %s at step %d", path, state.step)
+
+
+def effective_balanced(system: nn.Module, loop: LoopConfig) -> bool:
+    """Class-balanced batches: the system's ``balanced_batches`` when it sets one, else ``loop.balanced``."""
+    own = getattr(system, "balanced_batches", None)
+    return bool(loop.balanced if own is None else own)
+
+
+def real_batches_per_step(system: nn.Module) -> int:
+    """Real batches per step the system asks for (``real_batches_per_step``, default 1)."""
+    k = int(getattr(system, "real_batches_per_step", 1))
+    if k < 1:
+        raise ValueError(f"real_batches_per_step must be >= 1, got {k}")
+    return k
 
 
 def _check_batch(batch: dict[str, Tensor], classes: list[str] | None, image_size: int | None) -> None:
@@ -617,9 +646,14 @@ def fit(
         builtin.append(CheckpointHook(ckpt_path, checkpoint.every))
     all_hooks = [*builtin, *hooks]
 
-    weights = balanced_weights(dataset_labels(dataset)) if loop.balanced else None
+    weights = balanced_weights(dataset_labels(dataset)) if effective_balanced(system, loop) else None
     sampler = StepBatchSampler(
-        len(dataset), loop.batch_size, seed=loop.seed, start_step=state.step, stop_step=loop.max_steps, weights=weights
+        len(dataset),
+        loop.batch_size * real_batches_per_step(system),
+        seed=loop.seed,
+        start_step=state.step,
+        stop_step=loop.max_steps,
+        weights=weights,
     )
     # Own generator: the DataLoader draws its worker base seed from it instead of the global RNG.
     loader = DataLoader(
@@ -666,10 +700,12 @@ __all__ = [
     "StepBatchSampler",
     "TrainState",
     "derive_seed",
+    "effective_balanced",
     "ema_decay_at",
     "fit",
     "image_grid",
     "make_ema",
+    "real_batches_per_step",
     "system_class",
     "to_batch",
     "update_ema",

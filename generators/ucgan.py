@@ -33,16 +33,49 @@ hooks on ``style_layers`` (module names; default: its first three ``Conv2d`` lay
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from generators.adversarial import d_loss, discriminate, frozen, g_loss, randn
+from generators.adversarial import d_loss, discriminate, frozen, g_loss, make_regulariser, randn
 from generators.nets import DCGANDiscriminator, DCGANGenerator
 
 DEFAULT_STYLE_LEVELS = 3
+SCHEDULES = ("constant", "paper")
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module.eval()`` inside the block (batch norm uses and keeps its running statistics), then the
+    previous mode of every submodule restored."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def schedule_updates(schedule: str, step: int, schedule_steps: Sequence[int]) -> tuple[bool, bool]:
+    """``(update_d, update_g)`` at ``step`` for an update schedule (``SCHEDULES``).
+
+    ``"constant"``: both every step (1:1).  ``"paper"`` (XRAY-GAN footnote 3): G 3:1 over D for
+    ``step < schedule_steps[0]`` (D only on every third step), then the flip, D 3:1 over G until
+    ``schedule_steps[1]`` (G only on every third step), then 1:1.  Each step brings a fresh real batch,
+    so no update reuses one.
+    """
+    if schedule == "constant":
+        return True, True
+    first, second = int(schedule_steps[0]), int(schedule_steps[1])
+    if step < first:
+        return step % 3 == 0, True
+    if step < second:
+        return True, (step - first) % 3 == 0
+    return True, True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,6 +314,24 @@ class UCGAN(nn.Module):
         use_style: include the style loss.
         betas: Adam betas for the three optimisers.
         max_mult: cap on the width multipliers of G and D.
+        schedule: D/G update schedule, ``"constant"`` (1:1, the default) or ``"paper"`` (footnote 3:
+            G 3:1 over D, then D 3:1 over G, then 1:1; see :func:`schedule_updates`).  The paper gives no
+            phase lengths, so ``schedule_steps`` are ours; the default stays 1:1 until a learning curve
+            shows the schedule helps (it removes two thirds of D's or G's updates in its phases).
+        schedule_steps: the two step boundaries of the ``"paper"`` schedule.
+        balanced: class-balanced batches (overrides the loop's ``balanced``); None: follow the loop.
+            The paper trains "without balancing", and then MMD (Eq. 8) compares G's class mix with the
+            data's natural one; with balancing, MMD pulls G toward the re-weighted (uniform) mix and the
+            rare classes are seen often enough to be learned.  Our config sets ``true`` (rare findings
+            are the product's purpose); ``false`` is the paper's setting.
+        spectral_norm: spectral norm on every D layer (D then has no batch norm).
+        diffaug, diffaug_p, diffaug_adaptive, ada_target, ada_images, lecam_weight, lecam_decay:
+            differentiable augmentation of D's inputs and LeCam
+            (:func:`generators.adversarial.make_regulariser`); C's inputs are never augmented.
+
+    C runs in eval mode during G's update: the score terms then use the same (running-statistics)
+    probabilities that ``classify`` uses for pseudo-labelling, and G's batches never move C's batch-norm
+    statistics (they move only in C's own update, on real and generated images).
     """
 
     kind = "sampler"
@@ -317,8 +368,25 @@ class UCGAN(nn.Module):
         use_style: bool = True,
         betas: tuple[float, float] = (0.5, 0.999),
         max_mult: int = 8,
+        schedule: str = "constant",
+        schedule_steps: Sequence[int] = (1000, 2000),
+        balanced: bool | None = None,
+        spectral_norm: bool = False,
+        diffaug: str | list[str] | None = None,
+        diffaug_p: float = 1.0,
+        diffaug_adaptive: bool = False,
+        ada_target: float = 0.6,
+        ada_images: int = 20000,
+        lecam_weight: float = 0.0,
+        lecam_decay: float = 0.99,
     ) -> None:
         super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown UCGAN schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if len(schedule_steps) != 2 or not 0 <= int(schedule_steps[0]) <= int(schedule_steps[1]):
+            raise ValueError(f"schedule_steps must be two increasing steps [a, b], got {list(schedule_steps)}")
+        self.schedule, self.schedule_steps = schedule, (int(schedule_steps[0]), int(schedule_steps[1]))
+        self.balanced_batches = balanced
         if len(classes) < 2:
             raise ValueError(f"UCGAN's classifier needs at least 2 classes (include 'No Finding'), got {classes}")
         if not 0.0 <= threshold <= 1.0:
@@ -335,7 +403,22 @@ class UCGAN(nn.Module):
         self.mmd_sigma = mmd_sigma
         self.use_is, self.use_mmd, self.use_style = use_is, use_mmd, use_style
         self.G = DCGANGenerator(image_size=image_size, z_dim=z_dim, channels=g_channels, max_mult=max_mult)
-        self.D = DCGANDiscriminator(image_size=image_size, channels=d_channels, max_mult=max_mult)
+        self.D = DCGANDiscriminator(
+            image_size=image_size,
+            channels=d_channels,
+            max_mult=max_mult,
+            norm="none" if spectral_norm else "batch",
+            spectral_norm=spectral_norm,
+        )
+        self.reg = make_regulariser(
+            diffaug=diffaug,
+            diffaug_p=diffaug_p,
+            diffaug_adaptive=diffaug_adaptive,
+            ada_target=ada_target,
+            ada_images=ada_images,
+            lecam_weight=lecam_weight,
+            lecam_decay=lecam_decay,
+        )
         self.C = classifier
         self.feature_net = feature_net
         if feature_net is not None:
@@ -427,19 +510,21 @@ class UCGAN(nn.Module):
         step: int,
         generator: torch.Generator,
     ) -> dict[str, float]:
-        """One D update, one C update, one G update on the same generated batch (Eq. 10-11).
+        """D, C and G updates on the same generated batch (Eq. 10-11); D and G as ``schedule`` says.
 
         Args:
             batch: ``{"x": B x 1 x H x W in [-1, 1], "y": B x K}``.
             opts: ``{"g", "d", "c"}`` from ``configure_optimizers``.
-            step: global step (unused: the schedule is constant).
+            step: global step (for the ``"paper"`` schedule).
             generator: source of the noise.
 
         Returns:
             Losses (``loss_d``, ``loss_c``, ``loss_c_fake``, ``loss_g_adv``, ``loss_pseudo``, ``loss_is``,
             ``loss_mmd``, ``loss_style``, ``loss_g``), ``d_real``/``d_fake`` mean logits, ``c_acc_real``
             (top class among the image's labels) and ``acceptance`` (fraction of the generated batch
-            whose top probability is >= ``threshold``).
+            whose top probability is >= ``threshold``), ``update_d``/``update_g`` (1 when that network
+            was updated this step; its losses are logged only then) and the regulariser's ``aug_p``,
+            ``ada_rt``, ``lecam`` when enabled.
         """
         x, y = batch["x"], batch["y"]
         if y.shape[1] != len(self.classes):
@@ -448,12 +533,18 @@ class UCGAN(nn.Module):
         fake = self.G(randn((b, self.z_dim), generator=generator, device=x.device))
         out: dict[str, float] = {}
 
+        update_d, update_g = schedule_updates(self.schedule, step, self.schedule_steps)
+        reg = self.reg
+
         # D: lam * L_D on real vs generated.
-        real_logits, fake_logits = discriminate(self.D, x), discriminate(self.D, fake.detach())
-        loss_d = self.lam * d_loss("bce", real_logits, fake_logits)
-        opts["d"].zero_grad(set_to_none=True)
-        loss_d.backward()
-        opts["d"].step()
+        real_logits = discriminate(self.D, x, reg=reg, generator=generator)
+        fake_logits = discriminate(self.D, fake.detach(), reg=reg, generator=generator)
+        if update_d:
+            loss_d = self.lam * d_loss("bce", real_logits, fake_logits, reg=reg)
+            opts["d"].zero_grad(set_to_none=True)
+            loss_d.backward()
+            opts["d"].step()
+            out["loss_d"] = loss_d.item()
 
         # C: tau * (CE on real + xi * CE on confidently pseudo-labelled generated images).
         logits_real = self._logits(x)
@@ -465,19 +556,26 @@ class UCGAN(nn.Module):
         opts["c"].step()
 
         # G: adversarial + regularisers + the generated half of tau * L_C, all through `fake`.
-        with frozen(self.D, self.C):
-            loss_adv = g_loss("bce", discriminate(self.D, fake))
-            terms = self.score_terms(x, fake)
-        loss_g = self.delta * loss_adv + self.tau * self.xi * terms["pseudo"]
-        if "is" in terms:
-            loss_g = loss_g + self.alpha * terms["is"]
-        if "mmd" in terms:
-            loss_g = loss_g + self.beta * terms["mmd"]
-        if "style" in terms:
-            loss_g = loss_g + (self.gamma + self.eta) * terms["style"]
-        opts["g"].zero_grad(set_to_none=True)
-        loss_g.backward()
-        opts["g"].step()
+        # C in eval mode: the probabilities G optimises are the ones pseudo-labelling uses, and G's
+        # batches leave C's batch-norm statistics alone.
+        if update_g:
+            with frozen(self.D, self.C), eval_mode(self.C):
+                loss_adv = g_loss("bce", discriminate(self.D, fake, reg=reg, generator=generator))
+                terms = self.score_terms(x, fake)
+            loss_g = self.delta * loss_adv + self.tau * self.xi * terms["pseudo"]
+            if "is" in terms:
+                loss_g = loss_g + self.alpha * terms["is"]
+            if "mmd" in terms:
+                loss_g = loss_g + self.beta * terms["mmd"]
+            if "style" in terms:
+                loss_g = loss_g + (self.gamma + self.eta) * terms["style"]
+            opts["g"].zero_grad(set_to_none=True)
+            loss_g.backward()
+            opts["g"].step()
+            out.update(loss_g_adv=loss_adv.item(), loss_pseudo=terms["pseudo"].item(), loss_g=loss_g.item())
+            for name in ("is", "mmd", "style"):
+                if name in terms:
+                    out[f"loss_{name}"] = terms[name].item()
 
         with torch.no_grad():
             labelled = y.sum(dim=1) > 0
@@ -486,16 +584,13 @@ class UCGAN(nn.Module):
             out["c_acc_real"] = (hit & labelled).sum().item() / max(int(labelled.sum().item()), 1)
             out["acceptance"] = pseudo_label_mask(logits_gen, self.threshold).float().mean().item()
         out.update(
-            loss_d=loss_d.item(),
             d_real=real_logits.float().mean().item(),
             d_fake=fake_logits.float().mean().item(),
             loss_c=loss_c.item(),
             loss_c_fake=loss_c_fake.item(),
-            loss_g_adv=loss_adv.item(),
-            loss_pseudo=terms["pseudo"].item(),
-            loss_g=loss_g.item(),
+            update_d=float(update_d),
+            update_g=float(update_g),
         )
-        for name in ("is", "mmd", "style"):
-            if name in terms:
-                out[f"loss_{name}"] = terms[name].item()
+        if reg is not None:
+            out.update(reg.logs())
         return out

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from generators.base import Translation
-from generators.adversarial import d_loss, discriminate, frozen, g_loss, r1_penalty, rand
+from generators.adversarial import d_loss, discriminate, frozen, g_loss, make_regulariser, r1_penalty, rand
 from generators.translators.common import clean_labels, complementary_targets, step_optimizer, translation_grid
 from generators.translators.nets import MappingNetwork, PatchDiscriminator, UNetGenerator, check_bottleneck
 
@@ -205,6 +205,10 @@ class BranchedGAN(nn.Module):
         lr_g: generator Adam learning rate.
         lr_d: discriminator Adam learning rate.
         betas: Adam betas.
+        spectral_norm: spectral norm on every layer of D.
+        diffaug, diffaug_p, diffaug_adaptive, ada_target, ada_images, lecam_weight, lecam_decay:
+            differentiable augmentation of every D input and LeCam on the selected-domain outputs
+            (:func:`generators.adversarial.make_regulariser`); off by default.
     """
 
     kind = "translator"
@@ -236,6 +240,14 @@ class BranchedGAN(nn.Module):
         lr_g: float = 1e-4,
         lr_d: float = 1e-4,
         betas: Sequence[float] = (0.0, 0.99),
+        spectral_norm: bool = False,
+        diffaug: str | list[str] | None = None,
+        diffaug_p: float = 1.0,
+        diffaug_adaptive: bool = False,
+        ada_target: float = 0.6,
+        ada_images: int = 20000,
+        lecam_weight: float = 0.0,
+        lecam_decay: float = 0.99,
     ) -> None:
         super().__init__()
         if not classes:
@@ -265,8 +277,23 @@ class BranchedGAN(nn.Module):
             skips=skips,
         )
         self.D = PatchDiscriminator(
-            image_size=image_size, in_chans=in_chans, width=d_width, n_layers=d_layers, n_adv=n + 1
+            image_size=image_size,
+            in_chans=in_chans,
+            width=d_width,
+            n_layers=d_layers,
+            n_adv=n + 1,
+            spectral_norm=spectral_norm,
         )
+        self.reg = make_regulariser(
+            diffaug=diffaug,
+            diffaug_p=diffaug_p,
+            diffaug_adaptive=diffaug_adaptive,
+            ada_target=ada_target,
+            ada_images=ada_images,
+            lecam_weight=lecam_weight,
+            lecam_decay=lecam_decay,
+        )
+        self._gen: torch.Generator | None = None  # the step's generator, for the augmentation draws
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Adam for ``G`` (mapping + branches) and ``D``."""
@@ -276,7 +303,7 @@ class BranchedGAN(nn.Module):
         }
 
     def _logit(self, z: Tensor, c: Tensor) -> Tensor:
-        return select_domain(discriminate(self.D, z)[0], c)
+        return select_domain(discriminate(self.D, z, reg=self.reg, generator=self._gen)[0], c)
 
     def blended(
         self, x: Tensor, c_own: Tensor, c_other: Tensor, alpha: Tensor
@@ -295,7 +322,7 @@ class BranchedGAN(nn.Module):
         x_req = x.detach().requires_grad_(True)
         real = self._logit(x_req, c_x)
         fake = [self._logit(f.detach(), c) for f, c in fakes]
-        adv = d_loss("bce", real, fake, upcast=False)
+        adv = d_loss("bce", real, fake, upcast=False, reg=self.reg)
         r1 = r1_penalty(real, x_req)
         loss = adv + self.lambda_r1 * r1
         return loss, {"d_adv": adv.item(), "d_r1": r1.item(), "d_loss": loss.item()}
@@ -365,6 +392,7 @@ class BranchedGAN(nn.Module):
         forward pass (G has not changed in between) against the updated D.
         """
         x = batch["x"]
+        self._gen = generator
         c_x = clean_labels(batch["y"]).to(x.device)
         c_t = complementary_targets(c_x, generator=generator)
         alpha = rand((self.n_branches - 1,), generator=generator, device=x.device, dtype=x.dtype)
@@ -376,6 +404,9 @@ class BranchedGAN(nn.Module):
             loss_g, g_logs = self.generator_loss(x, c_x, c_t, alpha, blended)
             step_optimizer(opts["G"], loss_g)
         logs.update(g_logs)
+        if self.reg is not None:
+            logs.update(self.reg.logs())
+        self._gen = None
         return logs
 
     # -- inference ------------------------------------------------------------------------------------

@@ -17,6 +17,11 @@ Training (per batch, source domain ``c_x`` = the labels, target ``c_y`` sampled 
 ``use_identity=False`` drops every same-domain term (Tab. 1's additions), which is StarGAN: adversarial
 and domain losses on ``G(x, c_y)`` only, the cross-domain cycle only, no identity loss.
 
+Two recipes (``configs/translator/fixed_point.yaml``): the paper's WGAN-GP with 5 critic steps per
+generator step (``adv="wgan"``, ``lambda_gp=10``, ``n_critic=5``: G gets one update in five steps),
+and a non-saturating loss with R1 on real images and one critic step per generator step
+(``adv="bce"``, ``lambda_gp=0``, ``lambda_r1>0``, ``n_critic=1``: G updated every step).
+
 Inference ("virtual healing"): ``translate(x, zeros)`` for any input, healthy or not; the difference map
 ``x - G(x, 0)`` localises the findings.
 """
@@ -29,7 +34,16 @@ import torch
 from torch import Tensor, nn
 
 from generators.base import Translation
-from generators.adversarial import check_kind, d_loss, discriminate, frozen, g_loss, gradient_penalty
+from generators.adversarial import (
+    check_kind,
+    d_loss,
+    discriminate,
+    frozen,
+    g_loss,
+    gradient_penalty,
+    make_regulariser,
+    r1_penalty,
+)
 from generators.translators.common import clean_labels, sample_targets, step_optimizer, translation_grid
 from generators.translators.losses import domain_loss, l1
 from generators.translators.nets import PatchDiscriminator, ResidualGenerator, check_bottleneck
@@ -66,6 +80,8 @@ class FixedPointGAN(nn.Module):
         lambda_cyc: weight of the cycle loss.
         lambda_id: weight of the conditional identity loss.
         lambda_gp: gradient-penalty weight (0 disables it).
+        lambda_r1: R1 penalty weight on real images (Mescheder et al. 2018; 0 disables it); the
+            R1 recipe pairs it with ``adv="bce"``, ``lambda_gp=0`` and ``n_critic=1``.
         n_critic: G is updated on steps where ``step % n_critic == 0``; D on every step.
         use_identity: fixed-point learning (same-domain terms); ``False`` gives StarGAN.
         p_healthy: probability that a sampled target is ``No Finding``; the other targets are other
@@ -73,6 +89,11 @@ class FixedPointGAN(nn.Module):
         lr_g: generator Adam learning rate.
         lr_d: discriminator Adam learning rate.
         betas: Adam betas.
+        spectral_norm: spectral norm on every layer of D.
+        diffaug, diffaug_p, diffaug_adaptive, ada_target, ada_images, lecam_weight, lecam_decay:
+            differentiable augmentation of every D input and LeCam
+            (:func:`generators.adversarial.make_regulariser`); off by default.  The domain head sees
+            the augmented reals too, so a policy with ``cutout`` can hide a finding from it.
     """
 
     kind = "translator"
@@ -96,12 +117,21 @@ class FixedPointGAN(nn.Module):
         lambda_cyc: float = 10.0,
         lambda_id: float = 10.0,
         lambda_gp: float = 10.0,
+        lambda_r1: float = 0.0,
         n_critic: int = 5,
         use_identity: bool = True,
         p_healthy: float = 0.5,
         lr_g: float = 1e-4,
         lr_d: float = 1e-4,
         betas: Sequence[float] = (0.5, 0.999),
+        spectral_norm: bool = False,
+        diffaug: str | list[str] | None = None,
+        diffaug_p: float = 1.0,
+        diffaug_adaptive: bool = False,
+        ada_target: float = 0.6,
+        ada_images: int = 20000,
+        lecam_weight: float = 0.0,
+        lecam_decay: float = 0.99,
     ) -> None:
         super().__init__()
         if not classes:
@@ -119,6 +149,9 @@ class FixedPointGAN(nn.Module):
         self.lambda_cyc = lambda_cyc
         self.lambda_id = lambda_id
         self.lambda_gp = lambda_gp
+        if lambda_r1 < 0:
+            raise ValueError(f"lambda_r1 must be >= 0, got {lambda_r1}")
+        self.lambda_r1 = lambda_r1
         self.n_critic = n_critic
         self.use_identity = use_identity
         self.p_healthy = p_healthy
@@ -128,8 +161,23 @@ class FixedPointGAN(nn.Module):
             n_classes=n, in_chans=in_chans, width=g_width, n_down=n_down, n_res=n_res, skips=skips
         )
         self.D = PatchDiscriminator(
-            image_size=image_size, in_chans=in_chans, width=d_width, n_layers=d_layers, n_classes=n
+            image_size=image_size,
+            in_chans=in_chans,
+            width=d_width,
+            n_layers=d_layers,
+            n_classes=n,
+            spectral_norm=spectral_norm,
         )
+        self.reg = make_regulariser(
+            diffaug=diffaug,
+            diffaug_p=diffaug_p,
+            diffaug_adaptive=diffaug_adaptive,
+            ada_target=ada_target,
+            ada_images=ada_images,
+            lecam_weight=lecam_weight,
+            lecam_decay=lecam_decay,
+        )
+        self._gen: torch.Generator | None = None  # the step's generator, for the augmentation draws
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Adam for ``G`` and ``D``."""
@@ -138,19 +186,28 @@ class FixedPointGAN(nn.Module):
             "D": torch.optim.Adam(self.D.parameters(), lr=self.lr_d, betas=self.betas),
         }
 
+    def _d(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        return discriminate(self.D, z, reg=self.reg, generator=self._gen)
+
     def _critic(self, z: Tensor) -> Tensor:
-        return discriminate(self.D, z)[0]
+        return self._d(z)[0]
 
     def discriminator_loss(
         self, x: Tensor, c_x: Tensor, fakes: Sequence[Tensor], *, generator: torch.Generator
     ) -> tuple[Tensor, dict[str, float]]:
-        """Eq. 6 (+ gradient penalty) on real ``x`` and the (detached) translations ``fakes``."""
-        real_adv, real_cls = discriminate(self.D, x)
-        fake_adv = [discriminate(self.D, f.detach())[0] for f in fakes]
-        adv = d_loss(self.adv, real_adv, fake_adv, upcast=False)
+        """Eq. 6 (+ gradient penalty, + R1) on real ``x`` and the (detached) translations ``fakes``."""
+        self._gen = generator
+        x_in = x.detach().requires_grad_(True) if self.lambda_r1 > 0 else x
+        real_adv, real_cls = self._d(x_in)
+        fake_adv = [self._d(f.detach())[0] for f in fakes]
+        adv = d_loss(self.adv, real_adv, fake_adv, upcast=False, reg=self.reg)
         dom = domain_loss(real_cls, c_x)
         loss = adv + self.lambda_domain * dom
         logs = {"d_adv": adv.item(), "d_domain": dom.item()}
+        if self.lambda_r1 > 0:
+            r1 = r1_penalty(real_adv.float(), x_in)
+            loss = loss + self.lambda_r1 * r1
+            logs["d_r1"] = r1.item()
         if self.lambda_gp > 0:
             fake = torch.cat([f.detach() for f in fakes])
             real = x.repeat(len(fakes), 1, 1, 1)
@@ -163,14 +220,14 @@ class FixedPointGAN(nn.Module):
     def generator_terms(self, x: Tensor, c_x: Tensor, c_y: Tensor) -> dict[str, Tensor]:
         """Unweighted Eq. 7 terms ``g_adv``, ``g_domain``, ``g_cyc``, ``g_id`` (0 for StarGAN)."""
         fake_y = self.G(x, c_y)
-        adv_y, cls_y = discriminate(self.D, fake_y)
+        adv_y, cls_y = self._d(fake_y)
         adv = g_loss(self.adv, adv_y, upcast=False)
         dom = domain_loss(cls_y, c_y)
         recs = [self.G(fake_y, c_x)]
         ident = x.new_zeros(())
         if self.use_identity:
             fake_x = self.G(x, c_x)
-            adv_x, cls_x = discriminate(self.D, fake_x)
+            adv_x, cls_x = self._d(fake_x)
             adv = adv + g_loss(self.adv, adv_x, upcast=False)
             dom = dom + domain_loss(cls_x, c_x)
             recs.append(self.G(fake_x, c_x))
@@ -205,6 +262,7 @@ class FixedPointGAN(nn.Module):
     ) -> dict[str, float]:
         """One D update, and one G update on steps where ``step % n_critic == 0``."""
         x = batch["x"]
+        self._gen = generator
         c_x = clean_labels(batch["y"]).to(x.device)
         c_y = sample_targets(c_x, generator=generator, p_healthy=self.p_healthy)
         with torch.no_grad():
@@ -218,6 +276,9 @@ class FixedPointGAN(nn.Module):
                 loss_g, g_logs = self.generator_loss(x, c_x, c_y)
                 step_optimizer(opts["G"], loss_g)
             logs.update(g_logs)
+        if self.reg is not None:
+            logs.update(self.reg.logs())
+        self._gen = None
         return logs
 
     @torch.no_grad()

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm as _sn
 
 
 def tile_condition(x: Tensor, c: Tensor) -> Tensor:
@@ -168,6 +169,7 @@ class PatchDiscriminator(nn.Module):
         n_classes: domain logits (0 = no domain head).
         n_adv: adversarial logit maps (1, or one per domain for a multi-task critic).
         max_width: channel cap.
+        spectral_norm: wrap every convolution and the domain head in spectral norm (Miyato et al. 2018).
     """
 
     def __init__(
@@ -180,8 +182,13 @@ class PatchDiscriminator(nn.Module):
         n_classes: int = 0,
         n_adv: int = 1,
         max_width: int = 512,
+        spectral_norm: bool = False,
     ) -> None:
         super().__init__()
+
+        def sn(m: nn.Module) -> nn.Module:
+            return _sn(m) if spectral_norm else m
+
         if n_layers is None:
             n_layers = min(max(int(math.log2(image_size)) - 2, 1), 6)
         if image_size // 2**n_layers < 1:
@@ -189,11 +196,11 @@ class PatchDiscriminator(nn.Module):
         layers: list[nn.Module] = []
         cin, cout = in_chans, width
         for _ in range(n_layers):
-            layers += [nn.Conv2d(cin, cout, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
+            layers += [sn(nn.Conv2d(cin, cout, 4, 2, 1)), nn.LeakyReLU(0.2, inplace=True)]
             cin, cout = cout, min(cout * 2, max_width)
         self.body = nn.Sequential(*layers)
-        self.adv = nn.Conv2d(cin, n_adv, 3, 1, 1)
-        self.cls = nn.Linear(cin, n_classes) if n_classes > 0 else None
+        self.adv = sn(nn.Conv2d(cin, n_adv, 3, 1, 1))
+        self.cls = sn(nn.Linear(cin, n_classes)) if n_classes > 0 else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """(adversarial logits B x n_adv x h x w, domain logits B x n_classes or None)."""

@@ -23,6 +23,16 @@ label and ``c`` = all findings ("remove whatever is there") are trained, and the
 normal image for ``D_Normal``.  ``translate(x, target)`` therefore removes ``c = 1 - target``: all zeros
 (``No Finding``) removes every finding without knowing the source labels.
 
+Partial removal (``partial_removal = p``): ``masks.per_finding_masks`` removes one finding of a
+multi-finding image and keeps the others, i.e. asks for ``c = {j} + absent findings``, a set that is not
+a superset of the image's findings.  So that this is a trained request, each multi-finding image is,
+with probability ``p``, given a partial removal set instead (at least one of its findings removed and at
+least one kept, see :func:`removal_sets`).  Its ``y = x - M(x, c)`` must then still show the kept
+findings: it is judged by ``D_Abnormal`` (real/fake and the domain head, against the kept set) rather
+than ``D_Normal``, and is one more set of fakes for ``D_Abnormal``.  Partial removal needs
+``D_Abnormal``, so without the backward cycle it is off (``partial_removal`` property False), and
+``per_finding_masks`` refuses multi-finding images for such a model.
+
 The map is bounded so that ``y`` stays in [-1, 1]: with ``t = tanh(raw)``, ``M = t (1 + x)`` for
 ``t >= 0`` (darkens ``x`` towards -1: removes an added opacity) and ``M = t (1 - x)`` for ``t < 0``
 (brightens towards +1: restores e.g. a pneumothorax's missing lung markings).
@@ -37,7 +47,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from generators.base import Translation
-from generators.adversarial import check_kind, d_loss, discriminate, frozen, g_loss, gradient_penalty, rand
+from generators.adversarial import (
+    check_kind,
+    d_loss,
+    discriminate,
+    frozen,
+    g_loss,
+    gradient_penalty,
+    make_regulariser,
+    rand,
+)
 from generators.translators.common import clean_labels, step_optimizer, translation_grid
 from generators.translators.losses import domain_loss, l1
 from generators.translators.nets import PatchDiscriminator, ResidualGenerator, UNetGenerator, check_bottleneck
@@ -64,6 +83,39 @@ def removal_targets(c_x: Tensor, *, generator: torch.Generator) -> Tensor:
     u = rand((c_x.shape[0], 1), generator=generator, device=c_x.device, dtype=c_x.dtype)
     extra = (rand(tuple(c_x.shape), generator=generator, device=c_x.device, dtype=c_x.dtype) < u).to(c_x.dtype)
     return torch.maximum(c_x, extra)
+
+
+def removal_sets(c_x: Tensor, *, generator: torch.Generator, p_partial: float) -> tuple[Tensor, Tensor]:
+    """Removal sets ``c`` for a batch, and the findings each ``y = x - M(x, c)`` should keep.
+
+    Every row first gets :func:`removal_targets` (a superset of its findings: keeps nothing).  Rows
+    with at least two findings are then, with probability ``p_partial``, given a partial set instead:
+    one random finding of the image is removed for sure and another kept for sure, the others removed
+    with probability 1/2; the absent findings drawn by :func:`removal_targets` stay in ``c``.  With
+    ``p_partial = 0`` no further draw is made (the old stream).
+
+    Returns:
+        ``(c, kept)``, both B x C float in {0, 1}; ``kept`` is all zeros for full removals.
+    """
+    c_full = removal_targets(c_x, generator=generator)
+    kept = torch.zeros_like(c_x)
+    if p_partial <= 0:
+        return c_full, kept
+    b, n = c_x.shape
+    present = c_x > 0.5
+    sel = (rand((b,), generator=generator, device=c_x.device) < p_partial) & (present.sum(1) >= 2)
+    r = rand((b, n), generator=generator, device=c_x.device)
+    masked_hi = torch.where(present, r, torch.full_like(r, -1.0))
+    masked_lo = torch.where(present, r, torch.full_like(r, 2.0))
+    sure_removed = F.one_hot(masked_hi.argmax(1), n).bool()
+    sure_kept = F.one_hot(masked_lo.argmin(1), n).bool()
+    removed = ((present & (r >= 0.5)) | sure_removed) & ~sure_kept
+    keep_rows = present & ~removed
+    extras = (c_full > 0.5) & ~present
+    c_part = (removed | extras).to(c_x.dtype)
+    c = torch.where(sel[:, None], c_part, c_full)
+    kept = torch.where(sel[:, None], keep_rows.to(c_x.dtype), kept)
+    return c, kept
 
 
 class DiseaseMapGenerator(nn.Module):
@@ -123,6 +175,15 @@ class TagGAN(nn.Module):
         lr_g: generators' Adam learning rate (the paper: 1e-3 at batch size 1).
         lr_d: discriminators' Adam learning rate.
         betas: Adam betas.
+        partial_removal: probability that a multi-finding image is trained with a partial removal set
+            (see the module docstring; needs the backward cycle).  The config sets 0.5; the code default
+            0 keeps models built from older configs honest (they were trained without it, so
+            ``per_finding_masks`` refuses their multi-finding images).
+        spectral_norm: spectral norm on every layer of both discriminators.
+        diffaug, diffaug_p, diffaug_adaptive, ada_target, ada_images, lecam_weight, lecam_decay:
+            differentiable augmentation of every input of both discriminators and LeCam, one
+            regulariser (ADA probability, anchors) per discriminator
+            (:func:`generators.adversarial.make_regulariser`); off by default.
     """
 
     kind = "translator"
@@ -152,10 +213,21 @@ class TagGAN(nn.Module):
         lr_g: float = 1e-3,
         lr_d: float = 1e-3,
         betas: Sequence[float] = (0.5, 0.999),
+        partial_removal: float = 0.0,
+        spectral_norm: bool = False,
+        diffaug: str | list[str] | None = None,
+        diffaug_p: float = 1.0,
+        diffaug_adaptive: bool = False,
+        ada_target: float = 0.6,
+        ada_images: int = 20000,
+        lecam_weight: float = 0.0,
+        lecam_decay: float = 0.99,
     ) -> None:
         super().__init__()
         if not classes:
             raise ValueError("classes must name at least one finding")
+        if not 0.0 <= partial_removal <= 1.0:
+            raise ValueError(f"partial_removal must be in [0, 1], got {partial_removal}")
         if normal_bank < 0:
             raise ValueError(f"normal_bank must be >= 0, got {normal_bank}")
         check_bottleneck(image_size, n_down)
@@ -169,23 +241,49 @@ class TagGAN(nn.Module):
         self.lambda_cyc = lambda_cyc
         self.lambda_gp = lambda_gp
         self.use_backward_cycle = use_backward_cycle
+        self.p_partial = float(partial_removal) if use_backward_cycle else 0.0
         self.lr_g, self.lr_d, self.betas = lr_g, lr_d, (float(betas[0]), float(betas[1]))
         n = len(self.classes)
         gkw = dict(in_chans=in_chans, width=g_width, n_down=n_down, n_res=n_res, skips=skips)
         self.G = DiseaseMapGenerator(n_classes=n, **gkw)
-        self.D_normal = PatchDiscriminator(image_size=image_size, in_chans=in_chans, width=d_width, n_layers=d_layers)
+        dkw = dict(
+            image_size=image_size, in_chans=in_chans, width=d_width, n_layers=d_layers, spectral_norm=spectral_norm
+        )
+        self.D_normal = PatchDiscriminator(**dkw)
+        rkw = dict(
+            diffaug=diffaug,
+            diffaug_p=diffaug_p,
+            diffaug_adaptive=diffaug_adaptive,
+            ada_target=ada_target,
+            ada_images=ada_images,
+            lecam_weight=lecam_weight,
+            lecam_decay=lecam_decay,
+        )
+        self.reg_normal = make_regulariser(**rkw)
+        self.reg_abnormal = None
         if use_backward_cycle:
             self.G_back = ResidualGenerator(n_classes=n, **gkw)
-            self.D_abnormal = PatchDiscriminator(
-                image_size=image_size, in_chans=in_chans, width=d_width, n_layers=d_layers, n_classes=n
-            )
+            self.D_abnormal = PatchDiscriminator(n_classes=n, **dkw)
+            self.reg_abnormal = make_regulariser(**rkw)
+        self._gen: torch.Generator | None = None  # the step's generator, for the augmentation draws
         # Recent real normals, so D_Normal has reals even when a batch has none (not checkpointed).
         bank = torch.zeros(normal_bank, in_chans, image_size, image_size)
         self.register_buffer("normal_bank", bank, persistent=False)
         self._bank_size = 0
         self._bank_next = 0
 
+    @property
+    def partial_removal(self) -> bool:
+        """Whether removing some findings of a multi-finding image (and keeping others) was trained."""
+        return self.p_partial > 0
+
     # -- networks -------------------------------------------------------------------------------------
+
+    def _dn(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        return discriminate(self.D_normal, z, reg=self.reg_normal, generator=self._gen)
+
+    def _da(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        return discriminate(self.D_abnormal, z, reg=self.reg_abnormal, generator=self._gen)
 
     def _generators(self) -> list[nn.Module]:
         return [self.G, self.G_back] if self.use_backward_cycle else [self.G]
@@ -227,50 +325,72 @@ class TagGAN(nn.Module):
     # -- losses ---------------------------------------------------------------------------------------
 
     def discriminator_loss(
-        self, x: Tensor, c_x: Tensor, normals: Tensor, y: Tensor, x_rec: Tensor | None, *, generator: torch.Generator
+        self,
+        x: Tensor,
+        c_x: Tensor,
+        normals: Tensor,
+        y: Tensor,
+        x_rec: Tensor | None,
+        *,
+        generator: torch.Generator,
+        kept: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """D_Normal: ``normals`` real vs ``y`` fake; D_Abnormal: ``x`` real (+ domain) vs ``x_rec`` fake."""
+        """D_Normal: ``normals`` real vs the fully healed ``y`` fake; D_Abnormal: ``x`` real (+ domain) vs
+        ``x_rec`` and the partially healed ``y`` (rows with a non-empty ``kept``) fake."""
+        self._gen = generator
         y = y.detach()
+        partial = kept.sum(1) > 0 if kept is not None else torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+        y_full, y_part = y[~partial], y[partial]
         loss = x.new_zeros(())
         logs: dict[str, float] = {}
-        if normals.shape[0] > 0:
-            adv_n = d_loss(
-                self.adv, discriminate(self.D_normal, normals)[0], [discriminate(self.D_normal, y)[0]], upcast=False
-            )
+        if normals.shape[0] > 0 and y_full.shape[0] > 0:
+            adv_n = d_loss(self.adv, self._dn(normals)[0], [self._dn(y_full)[0]], upcast=False, reg=self.reg_normal)
             loss = loss + adv_n
             logs["d_normal"] = adv_n.item()
             if self.lambda_gp > 0:
-                k = min(normals.shape[0], y.shape[0])
-                gp = gradient_penalty(
-                    lambda z: discriminate(self.D_normal, z)[0], normals[:k], y[:k], generator=generator
-                )
+                k = min(normals.shape[0], y_full.shape[0])
+                gp = gradient_penalty(lambda z: self._dn(z)[0], normals[:k], y_full[:k], generator=generator)
                 loss = loss + self.lambda_gp * gp
                 logs["d_normal_gp"] = gp.item()
         if x_rec is not None:
             x_rec = x_rec.detach()
-            real_adv, real_cls = discriminate(self.D_abnormal, x)
-            adv_a = d_loss(self.adv, real_adv, [discriminate(self.D_abnormal, x_rec)[0]], upcast=False)
+            real_adv, real_cls = self._da(x)
+            fakes = [self._da(x_rec)[0]]
+            if y_part.shape[0] > 0:
+                fakes.append(self._da(y_part)[0])
+            adv_a = d_loss(self.adv, real_adv, fakes, upcast=False, reg=self.reg_abnormal)
             dom = domain_loss(real_cls, c_x)
             loss = loss + adv_a + self.lambda_domain * dom
             logs["d_abnormal"] = adv_a.item()
             logs["d_domain"] = dom.item()
             if self.lambda_gp > 0:
-                gp = gradient_penalty(lambda z: discriminate(self.D_abnormal, z)[0], x, x_rec, generator=generator)
+                gp = gradient_penalty(lambda z: self._da(z)[0], x, x_rec, generator=generator)
                 loss = loss + self.lambda_gp * gp
                 logs["d_abnormal_gp"] = gp.item()
         logs["d_loss"] = loss.item()
         return loss, logs
 
-    def generator_terms(self, x: Tensor, c_x: Tensor, c: Tensor) -> dict[str, Tensor]:
+    def generator_terms(self, x: Tensor, c_x: Tensor, c: Tensor, kept: Tensor | None = None) -> dict[str, Tensor]:
         """Unweighted Eq. 5 terms for inputs ``x`` with labels ``c_x`` and removal sets ``c``:
-        ``g_adv_normal`` and, with the backward cycle, ``g_adv_abnormal``, ``g_domain``, ``g_cyc``."""
+        ``g_adv_normal`` and, with the backward cycle, ``g_adv_abnormal``, ``g_domain``, ``g_cyc``; with
+        partial removals (rows of ``kept`` not all zero) also ``g_partial_adv`` and ``g_partial_domain``:
+        ``D_Abnormal`` judges those ``y`` and its domain head should find the kept findings."""
         _, y, x_rec = self.forward_cycle(x, c, c_x)
-        terms = {"g_adv_normal": g_loss(self.adv, discriminate(self.D_normal, y)[0], upcast=False)}
+        partial = kept.sum(1) > 0 if kept is not None else torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+        terms: dict[str, Tensor] = {}
+        if bool((~partial).any()):
+            terms["g_adv_normal"] = g_loss(self.adv, self._dn(y[~partial])[0], upcast=False)
+        else:
+            terms["g_adv_normal"] = y.new_zeros(())
         if x_rec is not None:
-            adv, cls = discriminate(self.D_abnormal, x_rec)
+            adv, cls = self._da(x_rec)
             terms["g_adv_abnormal"] = g_loss(self.adv, adv, upcast=False)
             terms["g_domain"] = domain_loss(cls, c_x)
             terms["g_cyc"] = cycle_loss(x, x_rec)
+            if bool(partial.any()):
+                adv_p, cls_p = self._da(y[partial])
+                terms["g_partial_adv"] = g_loss(self.adv, adv_p, upcast=False)
+                terms["g_partial_domain"] = domain_loss(cls_p, kept[partial])
         return terms
 
     def generator_weights(self) -> dict[str, float]:
@@ -282,10 +402,16 @@ class TagGAN(nn.Module):
             "g_cyc": self.lambda_cyc,
         }
 
-    def generator_loss(self, x: Tensor, c_x: Tensor, c: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Eq. 5, weighted."""
-        terms = self.generator_terms(x, c_x, c)
-        weights = self.generator_weights()
+    def partial_weights(self) -> dict[str, float]:
+        """Weights of the partial-removal terms (as their full-removal counterparts on ``D_Abnormal``)."""
+        return {"g_partial_adv": self.lambda_adv_abnormal, "g_partial_domain": self.lambda_domain}
+
+    def generator_loss(
+        self, x: Tensor, c_x: Tensor, c: Tensor, kept: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Eq. 5, weighted (plus the partial-removal terms)."""
+        terms = self.generator_terms(x, c_x, c, kept)
+        weights = {**self.generator_weights(), **self.partial_weights()}
         loss = sum(weights[k] * v for k, v in terms.items())
         logs = {k: v.item() for k, v in terms.items()}
         logs["g_loss"] = loss.item()
@@ -301,17 +427,22 @@ class TagGAN(nn.Module):
     ) -> dict[str, float]:
         """One discriminator update then one generator update."""
         x = batch["x"]
+        self._gen = generator
         c_x = clean_labels(batch["y"]).to(x.device)
-        c = removal_targets(c_x, generator=generator)
+        c, kept = removal_sets(c_x, generator=generator, p_partial=self.p_partial)
         normals = self._real_normals(x, c_x)
         with torch.no_grad():
             _, y, x_rec = self.forward_cycle(x, c, c_x)
-        loss_d, logs = self.discriminator_loss(x, c_x, normals, y, x_rec, generator=generator)
+        loss_d, logs = self.discriminator_loss(x, c_x, normals, y, x_rec, generator=generator, kept=kept)
         step_optimizer(opts["D"], loss_d)
         with frozen(*self._discriminators()):
-            loss_g, g_logs = self.generator_loss(x, c_x, c)
+            loss_g, g_logs = self.generator_loss(x, c_x, c, kept)
             step_optimizer(opts["G"], loss_g)
         logs.update(g_logs)
+        for name, reg in (("normal", self.reg_normal), ("abnormal", self.reg_abnormal)):
+            if reg is not None:
+                logs.update({f"{k}_{name}": v for k, v in reg.logs().items()})
+        self._gen = None
         return logs
 
     # -- inference ------------------------------------------------------------------------------------

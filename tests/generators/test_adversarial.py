@@ -218,9 +218,9 @@ def test_every_discriminator_call_passes_through_discriminate(family: str, monke
     system, discriminators, batch = _family(family)
     seam_calls, d_calls = [0], [0]
 
-    def counting(D, x, *cond):
+    def counting(D, x, *cond, **kw):
         seam_calls[0] += 1
-        return adversarial.discriminate(D, x, *cond)
+        return adversarial.discriminate(D, x, *cond, **kw)
 
     monkeypatch.setattr(MODULES[family], "discriminate", counting)
     for d in discriminators:

@@ -163,7 +163,7 @@ def test_checkpoint_contents_load_weights_only(tmp_path: Path, dataset: FakeXray
     assert ckpt["system_class"] == "generators.cgan.CGAN"
     assert set(ckpt["metrics"]) >= {"loss_d", "loss_g"}
     assert ckpt["fit"] == {"seed": 0, "batch_size": 4, "max_steps": 3, "balanced": False, "ema_decay": None,
-                           "amp": False}
+                           "amp": False, "real_batches_per_step": 1}
     assert set(ckpt) == {"model_cfg", "data_fingerprint", "classes", "image_size", "system_class", "state_dict",
                          "ema_state_dict", "optimizer_states", "step", "done", "metrics", "fit", "versions"}
     rebuilt = apply_checkpoint(tiny_cgan(seed=5), ckpt)

@@ -71,6 +71,7 @@ def test_no_trained_models_message(in_tmp):
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(900)  # about a minute on an idle 2-core machine; timed out at 300 s under a load of 10
 def test_three_translators_train_in_parallel_ray_actors_and_evaluate(in_tmp, tiny, capsys):
     """Step 4's done-when: `augment train translator=fixed_point,taggan,branched` (Ray actors), then
     `augment evaluate` scores each family and the reference on the phantom's ground truth."""
