@@ -81,7 +81,9 @@ COMMANDS: dict[str, Command] = {
          "generate.threshold={}"),
         (("--sampler",), {"choices": ["cgan", "ucgan"], "help": "cgan samples each class; ucgan samples freely and pseudo-labels"},
          "generate.sampler={}"),
-        (("--translator",), {"help": "mask translator family (fixed_point, taggan, branched) or 'none' for no masks"},
+        (("--translator", "--masks"), {"dest": "translator", "help": "mask source: a translator family (fixed_point, taggan, "
+                                       "branched), gradcam or gradcam_pp (the pseudo-labeller's maps, no translator), "
+                                       "or 'none' for no masks"},
          "generate.translator={}"),
         (("--labeller",), {"help": "classifier checkpoint that pseudo-labels the images (default: UCGAN's C or the trained one)"},
          "generate.labeller='{}'"),

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from augment.errors import UserError
+from augment.jobs.saliency import cam_masks
 from augment.models import load_model
 from classifiers.model import load_classifier
 from cxrbase import to_uint8, write_png
@@ -130,6 +131,19 @@ class ShardWorker:
             out[c] = m
         return out
 
+    def cam_finding_masks(self, x: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> dict[str, np.ndarray]:
+        """``{finding: B x H x W uint8 0/255}`` from the pseudo-labeller's Grad-CAM (or Grad-CAM++) maps of the
+        kept images labelled with the finding (``--masks gradcam``: no translator needed)."""
+        model, names = ((self.labeller, self.labeller_classes) if self.labeller is not None
+                        else (self.sampler.C, self.sampler_classes))
+        findings = labels.clone()
+        findings[~keep] = 0
+        try:
+            got = cam_masks(model, names, x, findings.to(x.device), self.classes, self.p["mask"], variant=self.p["cam"])
+        except MaskRuleError as exc:
+            raise UserError(f"mask.*: {exc}") from None
+        return {c: (m[:, 0].cpu().numpy() > 0.5).astype(np.uint8) * 255 for c, m in got.items()}
+
     @torch.no_grad()
     def run(self, spec: dict) -> dict:
         p = self.p
@@ -164,8 +178,14 @@ class ShardWorker:
                     else:
                         keep = labels.sum(1) > 0
                     keep[len(idx):] = False
-                    masks = (self.finding_masks(xq, labels.to(self.device), keep.to(self.device))
-                             if self.translator is not None and keep.any() else {})
+                    if not keep.any():
+                        masks = {}
+                    elif self.translator is not None:
+                        masks = self.finding_masks(xq, labels.to(self.device), keep.to(self.device))
+                    elif self.p.get("cam"):
+                        masks = self.cam_finding_masks(xq, labels, keep)
+                    else:
+                        masks = {}
                     t3 = time.perf_counter()
                     for j, i in enumerate(idx):
                         if not keep[j]:

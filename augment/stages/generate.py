@@ -46,6 +46,10 @@ from cxrbase import resolve_device
 log = logging.getLogger(__name__)
 
 
+#: mask sources that need no translator: Grad-CAM / Grad-CAM++ of the pseudo-labeller (``--masks gradcam``)
+CAM_SOURCES = ("gradcam", "gradcam_pp")
+
+
 def plan_quotas(classes: list[str], n: int, per_class: bool) -> dict[str, int]:
     """``--n`` is the total split evenly across classes (the first classes take the remainder), or
     per class with ``--per-class``."""
@@ -257,7 +261,8 @@ def generate(cfg: DictConfig, out: Path) -> dict:
             raise UserError(f"the pseudo-labeller {labeller} covers {', '.join(meta['classes'])}, not all of "
                             f"{', '.join(classes)}: pass a classifier trained on these classes (--labeller)")
     translator_ckpt = None
-    if g.translator and str(g.translator).lower() not in ("none", "null"):
+    cam = str(g.translator) if str(g.translator) in CAM_SOURCES else None  # the pseudo-labeller's maps, no translator
+    if cam is None and g.translator and str(g.translator).lower() not in ("none", "null"):
         translator_ckpt = family_checkpoint(models, str(g.translator))
         if not translator_ckpt.is_file():
             raise UserError(f"no {g.translator} translator in {models}: run `augment train translator={g.translator}` "
@@ -309,11 +314,11 @@ def generate(cfg: DictConfig, out: Path) -> dict:
             print(f"{out} is already complete ({n if not per_class else n * len(classes)} images requested)")
             return {"resumed": True, "complete": True, "n": json.loads((out / "dataset.json").read_text()).get("n")}
     quotas = plan_quotas(classes, n, per_class)
-    check_disk(out, sum(quotas.values()), sampler.image_size, translator_ckpt is not None)
+    check_disk(out, sum(quotas.values()), sampler.image_size, translator_ckpt is not None or cam is not None)
     payload = {"out": str(out.resolve()), "sampler_ckpt": str(sampler_ckpt), "translator_ckpt": str(translator_ckpt) if translator_ckpt else None,
                "labeller_ckpt": str(labeller) if labeller else None, "classes": classes, "threshold": t,
                "batch_size": batch_size, "micro_batch": micro_batch, "shard_size": shard_size, "seed": int(cfg.seed),
-               "device": device, "mask": mask_rule(cfg)}
+               "device": device, "mask": mask_rule(cfg), "cam": cam}
     streams = classes if conditional else ["*"]
     cap = int(math.ceil(max_factor * max(quotas.values()) / shard_size))
     t0 = time.perf_counter()
@@ -338,7 +343,7 @@ def generate(cfg: DictConfig, out: Path) -> dict:
         parsed: dict[str, dict] = {}  # shard.json of complete shards, read once
         bar_total = sum(quotas.values())
         print(f"generate: {n} images of {', '.join(classes)} with {g.sampler}"
-              f"{' + ' + str(g.translator) + ' masks' if translator_ckpt else ''}, t={t}, into {out}")
+              f"{' + ' + str(g.translator) + ' masks' if translator_ckpt or cam else ''}, t={t}, into {out}")
         while True:
             order = [shard_name(s, k) for s in streams for k in range(next_k[s])]
             kept, rejected, _ = assemble(out, order, quotas, classes, conditional, parsed)
@@ -387,7 +392,7 @@ def generate(cfg: DictConfig, out: Path) -> dict:
                          rejected=rejected, threshold=t, config=redacted(to_dict(cfg)), versions=versions(), checkpoints={
         "sampler": {"family": str(g.sampler), "checkpoint": str(sampler_ckpt), "sha256": shas["sampler"]},
         "translator": ({"family": str(g.translator), "checkpoint": str(translator_ckpt), "sha256": shas["translator"]}
-                       if translator_ckpt else None),
+                       if translator_ckpt else {"family": cam, "checkpoint": "the pseudo-labeller's CAMs"} if cam else None),
         "labeller": ({"checkpoint": str(labeller), "sha256": shas["labeller"]} if labeller else {"checkpoint": "ucgan C"}),
     }, timings={"seconds": seconds, "images_per_second": n / seconds if seconds else None, **timings})
     rows_md = [[c, quotas[c], kept[c]] for c in classes]

@@ -96,24 +96,25 @@ def test_ctrl_c_in_search_exits_130_and_keeps_the_summary(tmp_path, capsys, monk
     assert metrics["command"] == "search" and metrics["this_run"]["interrupted"] is True
 
 
-def test_optuna_does_not_print_a_traceback_for_ctrl_c(capsys):
-    from augment.search.worker import quiet_interrupts
+def test_optuna_does_not_print_a_traceback_for_ctrl_c():
+    from augment.search.worker import _NoInterruptTraceback, quiet_interrupts
 
     quiet_interrupts()
+    quiet_interrupts()  # once per process, however often a worker starts
     logger = logging.getLogger("optuna.study._optimize")
-    handler = logging.StreamHandler(sys.stderr)
-    logger.addHandler(handler)
-    try:
-        for exc in (KeyboardInterrupt(), ValueError("boom")):
-            try:
-                raise exc
-            except BaseException:
-                logger.warning("Trial 3 failed because of the following error: %r", exc, exc_info=sys.exc_info())
-    finally:
-        logger.removeHandler(handler)
-    err = capsys.readouterr().err
-    assert "Trial 3 failed because of the following error: KeyboardInterrupt()" in err
-    assert err.count("Traceback") == 1 and "ValueError: boom" in err  # other errors keep theirs
+    assert sum(isinstance(f, _NoInterruptTraceback) for f in logger.filters) == 1
+    records = {}
+    for exc in (KeyboardInterrupt(), ValueError("boom")):
+        try:
+            raise exc
+        except BaseException:
+            records[type(exc).__name__] = logger.makeRecord(logger.name, logging.WARNING, __file__, 1,
+                                                            "Trial 3 failed: %r", (exc,), sys.exc_info())
+    assert all(logger.filter(r) for r in records.values())  # the line itself is kept
+    assert records["KeyboardInterrupt"].exc_info is None  # its traceback is dropped
+    assert records["ValueError"].exc_info[0] is ValueError  # other errors keep theirs
+    text = logging.Formatter().format(records["KeyboardInterrupt"])
+    assert "Trial 3 failed: KeyboardInterrupt()" in text and "Traceback" not in text
 
 
 def test_sigterm_is_handled_as_ctrl_c(tmp_path, capsys, monkeypatch):

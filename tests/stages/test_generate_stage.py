@@ -230,3 +230,25 @@ def test_ctrl_c_on_a_fresh_out_keeps_the_shards_and_resume_finishes(models, tmp_
     monkeypatch.undo()
     assert main([*args, "--resume"]) == 0
     check_dataset(tmp_path / "g", 40)
+
+
+def test_masks_from_the_pseudo_labellers_gradcam_without_a_translator(models, tmp_path, monkeypatch, capsys):
+    from augment.jobs import shards as gen
+
+    def no_translator(*args, **kwargs):
+        raise AssertionError("--masks gradcam must not load a translator")
+
+    monkeypatch.setattr(gen.ShardWorker, "finding_masks", no_translator)
+    out = tmp_path / "cam"
+    args = ["generate", *GEN, "--n", "8", "--models", str(models), "--masks", "gradcam", "--out", str(out)]
+    assert main(args) == 0
+    df = check_dataset(out, 8)
+    card = json.loads((out / "dataset.json").read_text())
+    assert card["checkpoints"]["translator"]["family"] == "gradcam"
+    assert len(df) == 8
+    arrays = [np.asarray(Image.open(p)) for p in (out / "masks").glob("*.png")]
+    assert arrays and all(set(np.unique(a)) <= {0, 255} for a in arrays)
+    assert any(a.any() for a in arrays)  # the CAM rule selected something
+    # the same folder cannot be resumed with a translator's masks: the plan names the mask source
+    assert main([*args[:-4], "--masks", "fixed_point", "--resume", "--out", str(out)]) == 2
+    assert "translator (--translator) gradcam -> fixed_point" in capsys.readouterr().err
