@@ -74,6 +74,20 @@ def model_config(family_cfg: dict, classes: list[str]) -> dict:
     return mcfg
 
 
+#: The few-shot keywords that sat at the top of a family config before they moved under ``fewshot:``.
+_FLAT_FEWSHOT = ("diffaug", "diffaug_p", "diffaug_adaptive", "ada_target", "ada_images", "lecam_weight", "lecam_decay")
+
+
+def upgrade_model_cfg(model_cfg: dict) -> dict:
+    """A stored model config in today's shape: checkpoints written before the few-shot keywords moved
+    under ``fewshot:`` (one release) keep loading, with the same values."""
+    flat = {k: model_cfg[k] for k in _FLAT_FEWSHOT if k in model_cfg}
+    if not flat:
+        return model_cfg
+    rest = {k: v for k, v in model_cfg.items() if k not in flat}
+    return {**rest, "fewshot": {**flat, **dict(model_cfg.get("fewshot") or {})}}
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a trained GAN checkpoint is, without building it."""
@@ -215,7 +229,7 @@ def load_model(path: Path, kind: str | None = None, family: str | None = None) -
     if kind is not None or family is not None:
         describe(path, ckpt, kind=kind, family=family)
     try:
-        system = build(ckpt["model_cfg"])
+        system = build(upgrade_model_cfg(ckpt["model_cfg"]))
         apply_checkpoint(system, ckpt, ema=True)
     except UserError:
         raise
@@ -281,4 +295,4 @@ def classifier_checkpoint(models: Path) -> Path | None:
 
 __all__ = ["LATEST", "ModelInfo", "checkpoint_step", "classifier_checkpoint", "describe", "family_checkpoint",
            "classifier_meta", "family_class", "family_target", "find_models", "load_error", "load_model", "mark_latest", "model_classes", "model_config", "peek", "sha256",
-           "trained_families", "translator_checkpoints"]
+           "trained_families", "translator_checkpoints", "upgrade_model_cfg"]

@@ -6,8 +6,8 @@ Each family is built the way ``augment train`` builds it: the config composed by
 completed by ``augment.models.model_config`` and instantiated by ``augment.config.build``; the variants
 differ only by the overrides below.  ``cgan-fastgan`` is CGAN with ``arch=fastgan``.
 
-Variants: ``base`` (the YAML: tools off), ``aug`` (``diffaug=translation,cutout,brightness,contrast``),
-``ada`` (the same policy, adaptive p starting at 0.5), ``lecam`` (``lecam_weight=0.1``) and ``aug+lecam``.
+Variants: ``base`` (the YAML: tools off), ``aug`` (``fewshot.diffaug=translation,cutout,brightness,contrast``),
+``ada`` (the same policy, adaptive p starting at 0.5), ``lecam`` (``fewshot.lecam_weight=0.1``) and ``aug+lecam``.
 
 Timing: one fixed random batch per family; the variants' steps are *interleaved* (round r runs one
 step of every variant, in a rotating order), so slow drifts of this shared machine hit all variants
@@ -47,13 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from augment.config import build, compose, to_dict  # noqa: E402
 from augment.models import model_config  # noqa: E402
 
-POLICY = "diffaug=translation\\,cutout\\,brightness\\,contrast"
+POLICY = "fewshot.diffaug=translation\\,cutout\\,brightness\\,contrast"
 VARIANTS = {
     "base": [],
     "aug": [POLICY],
-    "ada": [POLICY, "diffaug_adaptive=true", "diffaug_p=0.5"],
-    "lecam": ["lecam_weight=0.1"],
-    "aug+lecam": [POLICY, "lecam_weight=0.1"],
+    "ada": [POLICY, "fewshot.diffaug_adaptive=true", "fewshot.diffaug_p=0.5"],
+    "lecam": ["fewshot.lecam_weight=0.1"],
+    "aug+lecam": [POLICY, "fewshot.lecam_weight=0.1"],
 }
 FAMILIES = {  # name -> (config group, config name, extra overrides)
     "cgan": ("generator", "cgan", []),

@@ -10,6 +10,9 @@ or WGAN-GP (``"wgan-gp"``, also spelt ``"wgan"``: the Wasserstein critic with it
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -52,7 +55,9 @@ class CGAN(nn.Module):
         arch: ``"dcgan"`` (XRAY-GAN's) or ``"fastgan"`` (:mod:`generators.fastgan`: skip-layer
             excitation in G, a D with self-supervised decoders trained on real images with L1).
         recon_weight: weight of the FastGAN D's reconstruction loss (used only with ``"fastgan"``).
-        diffaug, diffaug_p, diffaug_adaptive, ada_target, ada_images, lecam_weight, lecam_decay:
+        fewshot: keyword arguments of :func:`generators.adversarial.make_regulariser` (``diffaug``,
+            ``diffaug_p``, ``diffaug_adaptive``, ``ada_target``, ``ada_images``, ``lecam_weight``,
+            ``lecam_decay``; the family YAML's ``fewshot:`` mapping); None or {} = off:
             differentiable augmentation of every D input and LeCam regularisation
             (:func:`generators.adversarial.make_regulariser`); all off by default.
 
@@ -87,13 +92,7 @@ class CGAN(nn.Module):
         max_mult: int = 8,
         arch: str = "dcgan",
         recon_weight: float = 1.0,
-        diffaug: str | list[str] | None = None,
-        diffaug_p: float = 1.0,
-        diffaug_adaptive: bool = False,
-        ada_target: float = 0.6,
-        ada_images: int = 20000,
-        lecam_weight: float = 0.0,
-        lecam_decay: float = 0.99,
+        fewshot: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         adv = check_kind(loss)
@@ -141,15 +140,7 @@ class CGAN(nn.Module):
                 norm=norm,
                 spectral_norm=spectral_norm,
             )
-        self.reg = make_regulariser(
-            diffaug=diffaug,
-            diffaug_p=diffaug_p,
-            diffaug_adaptive=diffaug_adaptive,
-            ada_target=ada_target,
-            ada_images=ada_images,
-            lecam_weight=lecam_weight,
-            lecam_decay=lecam_decay,
-        )
+        self.reg = make_regulariser(**dict(fewshot or {}))
 
     @property
     def real_batches_per_step(self) -> int:

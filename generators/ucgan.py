@@ -33,7 +33,8 @@ hooks on ``style_layers`` (module names; default: its first three ``Conv2d`` lay
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 from contextlib import contextmanager
 
 import torch
@@ -325,7 +326,9 @@ class UCGAN(nn.Module):
             rare classes are seen often enough to be learned.  Our config sets ``true`` (rare findings
             are the product's purpose); ``false`` is the paper's setting.
         spectral_norm: spectral norm on every D layer (D then has no batch norm).
-        diffaug, diffaug_p, diffaug_adaptive, ada_target, ada_images, lecam_weight, lecam_decay:
+        fewshot: keyword arguments of :func:`generators.adversarial.make_regulariser` (``diffaug``,
+            ``diffaug_p``, ``diffaug_adaptive``, ``ada_target``, ``ada_images``, ``lecam_weight``,
+            ``lecam_decay``; the family YAML's ``fewshot:`` mapping); None or {} = off:
             differentiable augmentation of D's inputs and LeCam
             (:func:`generators.adversarial.make_regulariser`); C's inputs are never augmented.
 
@@ -372,13 +375,7 @@ class UCGAN(nn.Module):
         schedule_steps: Sequence[int] = (1000, 2000),
         balanced: bool | None = None,
         spectral_norm: bool = False,
-        diffaug: str | list[str] | None = None,
-        diffaug_p: float = 1.0,
-        diffaug_adaptive: bool = False,
-        ada_target: float = 0.6,
-        ada_images: int = 20000,
-        lecam_weight: float = 0.0,
-        lecam_decay: float = 0.99,
+        fewshot: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if schedule not in SCHEDULES:
@@ -410,15 +407,7 @@ class UCGAN(nn.Module):
             norm="none" if spectral_norm else "batch",
             spectral_norm=spectral_norm,
         )
-        self.reg = make_regulariser(
-            diffaug=diffaug,
-            diffaug_p=diffaug_p,
-            diffaug_adaptive=diffaug_adaptive,
-            ada_target=ada_target,
-            ada_images=ada_images,
-            lecam_weight=lecam_weight,
-            lecam_decay=lecam_decay,
-        )
+        self.reg = make_regulariser(**dict(fewshot or {}))
         self.C = classifier
         self.feature_net = feature_net
         if feature_net is not None:

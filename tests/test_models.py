@@ -152,3 +152,45 @@ def test_weights_that_do_not_fit_are_one_line(tmp_path):
     save_checkpoint(path, ckpt)
     with pytest.raises(UserError, match="cannot rebuild the model"):
         load_model(path, kind="sampler")
+
+
+FAMILY_GROUPS = {"cgan": "generator", "ucgan": "generator", "fixed_point": "translator", "taggan": "translator",
+                 "branched": "translator"}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_GROUPS))
+def test_the_fewshot_mapping_of_each_family_yaml_reaches_its_discriminator(family):
+    """The YAML's ``fewshot:`` is handed whole to make_regulariser: off as shipped, on by one override."""
+    from augment.config import build
+
+    group = FAMILY_GROUPS[family]
+    tiny = [f"{group}={family}", "classifier=tiny"]
+    off = full_cfg(*tiny)[group]
+    assert set(off["fewshot"]) == {"diffaug", "diffaug_p", "diffaug_adaptive", "ada_target", "ada_images",
+                                   "lecam_weight", "lecam_decay"}
+    on = full_cfg(*tiny, f"{group}.fewshot.diffaug=translation", f"{group}.fewshot.lecam_weight=0.25")[group]
+    regs = {}
+    for name, cfg in (("off", off), ("on", on)):
+        system = build(model_config(cfg, ["Edema"]))
+        regs[name] = getattr(system, "reg_normal", None) if family == "taggan" else system.reg  # None = no tools
+    assert regs["off"] is None
+    reg = regs["on"]
+    assert reg.active and reg.lecam_weight == 0.25 and list(reg.policy) == ["translation"]
+
+
+def test_a_checkpoint_with_the_old_flat_fewshot_keys_still_loads(tmp_path):
+    """Checkpoints written while the few-shot keywords sat at the top of the config keep loading."""
+    import torch
+
+    from augment.config import build
+    from augment.models import load_model, upgrade_model_cfg
+
+    path = _tiny_cgan_checkpoint(tmp_path / "cgan" / "checkpoint.pt")
+    ckpt = torch.load(path, weights_only=True)
+    fewshot = ckpt["model_cfg"].pop("fewshot")
+    ckpt["model_cfg"].update({**fewshot, "lecam_weight": 0.5})  # the old shape, with LeCam on
+    ckpt["state_dict"] = build(upgrade_model_cfg(ckpt["model_cfg"])).state_dict()  # with LeCam's anchors
+    torch.save(ckpt, path)
+    system, _ = load_model(path)
+    assert system.reg is not None and system.reg.lecam_weight == 0.5
+    assert upgrade_model_cfg({"a": 1}) == {"a": 1}

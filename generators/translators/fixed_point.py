@@ -28,7 +28,8 @@ Inference ("virtual healing"): ``translate(x, zeros)`` for any input, healthy or
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -90,7 +91,9 @@ class FixedPointGAN(nn.Module):
         lr_d: discriminator Adam learning rate.
         betas: Adam betas.
         spectral_norm: spectral norm on every layer of D.
-        diffaug, diffaug_p, diffaug_adaptive, ada_target, ada_images, lecam_weight, lecam_decay:
+        fewshot: keyword arguments of :func:`generators.adversarial.make_regulariser` (``diffaug``,
+            ``diffaug_p``, ``diffaug_adaptive``, ``ada_target``, ``ada_images``, ``lecam_weight``,
+            ``lecam_decay``; the family YAML's ``fewshot:`` mapping); None or {} = off:
             differentiable augmentation of every D input and LeCam
             (:func:`generators.adversarial.make_regulariser`); off by default.  The domain head sees
             the augmented reals too, so a policy with ``cutout`` can hide a finding from it.
@@ -125,13 +128,7 @@ class FixedPointGAN(nn.Module):
         lr_d: float = 1e-4,
         betas: Sequence[float] = (0.5, 0.999),
         spectral_norm: bool = False,
-        diffaug: str | list[str] | None = None,
-        diffaug_p: float = 1.0,
-        diffaug_adaptive: bool = False,
-        ada_target: float = 0.6,
-        ada_images: int = 20000,
-        lecam_weight: float = 0.0,
-        lecam_decay: float = 0.99,
+        fewshot: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not classes:
@@ -168,15 +165,7 @@ class FixedPointGAN(nn.Module):
             n_classes=n,
             spectral_norm=spectral_norm,
         )
-        self.reg = make_regulariser(
-            diffaug=diffaug,
-            diffaug_p=diffaug_p,
-            diffaug_adaptive=diffaug_adaptive,
-            ada_target=ada_target,
-            ada_images=ada_images,
-            lecam_weight=lecam_weight,
-            lecam_decay=lecam_decay,
-        )
+        self.reg = make_regulariser(**dict(fewshot or {}))
         self._gen: torch.Generator | None = None  # the step's generator, for the augmentation draws
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:

@@ -40,7 +40,8 @@ The map is bounded so that ``y`` stays in [-1, 1]: with ``t = tanh(raw)``, ``M =
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -180,7 +181,9 @@ class TagGAN(nn.Module):
             0 keeps models built from older configs honest (they were trained without it, so
             ``per_finding_masks`` refuses their multi-finding images).
         spectral_norm: spectral norm on every layer of both discriminators.
-        diffaug, diffaug_p, diffaug_adaptive, ada_target, ada_images, lecam_weight, lecam_decay:
+        fewshot: keyword arguments of :func:`generators.adversarial.make_regulariser` (``diffaug``,
+            ``diffaug_p``, ``diffaug_adaptive``, ``ada_target``, ``ada_images``, ``lecam_weight``,
+            ``lecam_decay``; the family YAML's ``fewshot:`` mapping); None or {} = off:
             differentiable augmentation of every input of both discriminators and LeCam, one
             regulariser (ADA probability, anchors) per discriminator
             (:func:`generators.adversarial.make_regulariser`); off by default.
@@ -215,13 +218,7 @@ class TagGAN(nn.Module):
         betas: Sequence[float] = (0.5, 0.999),
         partial_removal: float = 0.0,
         spectral_norm: bool = False,
-        diffaug: str | list[str] | None = None,
-        diffaug_p: float = 1.0,
-        diffaug_adaptive: bool = False,
-        ada_target: float = 0.6,
-        ada_images: int = 20000,
-        lecam_weight: float = 0.0,
-        lecam_decay: float = 0.99,
+        fewshot: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not classes:
@@ -250,15 +247,7 @@ class TagGAN(nn.Module):
             image_size=image_size, in_chans=in_chans, width=d_width, n_layers=d_layers, spectral_norm=spectral_norm
         )
         self.D_normal = PatchDiscriminator(**dkw)
-        rkw = dict(
-            diffaug=diffaug,
-            diffaug_p=diffaug_p,
-            diffaug_adaptive=diffaug_adaptive,
-            ada_target=ada_target,
-            ada_images=ada_images,
-            lecam_weight=lecam_weight,
-            lecam_decay=lecam_decay,
-        )
+        rkw = dict(fewshot or {})
         self.reg_normal = make_regulariser(**rkw)
         self.reg_abnormal = None
         if use_backward_cycle:

@@ -90,22 +90,22 @@ def _family(name: str):
     torch.manual_seed(0)
     x, y2 = tiny_batch()["x"], torch.tensor([[1.0, 0], [1, 1], [0, 1], [0, 0]])
     if name == "cgan":
-        m = CGAN(classes=CLASSES, image_size=32, z_dim=8, g_channels=4, d_channels=4, **FEW)
+        m = CGAN(classes=CLASSES, image_size=32, z_dim=8, g_channels=4, d_channels=4, fewshot=FEW)
         return m, [m.D], tiny_batch()
     if name == "cgan_fastgan":
-        m = CGAN(classes=CLASSES, image_size=32, z_dim=8, g_channels=4, d_channels=4, arch="fastgan", **FEW)
+        m = CGAN(classes=CLASSES, image_size=32, z_dim=8, g_channels=4, d_channels=4, arch="fastgan", fewshot=FEW)
         return m, [m.D], tiny_batch()
     if name == "ucgan":
         m = UCGAN(classes=CLASSES, classifier=TinyClassifier(), image_size=32, z_dim=8, g_channels=4,
-                  d_channels=4, use_style=False, **FEW)
+                  d_channels=4, use_style=False, fewshot=FEW)
         return m, [m.D], tiny_batch()
     if name == "fixed_point":
-        m = FixedPointGAN(classes=FINDINGS, image_size=32, **TINY_T, **FEW)
+        m = FixedPointGAN(classes=FINDINGS, image_size=32, **TINY_T, fewshot=FEW)
         return m, [m.D], {"x": x, "y": y2}
     if name == "taggan":
-        m = TagGAN(classes=FINDINGS, image_size=32, partial_removal=0.5, **TINY_T, **FEW)
+        m = TagGAN(classes=FINDINGS, image_size=32, partial_removal=0.5, **TINY_T, fewshot=FEW)
         return m, [m.D_normal, m.D_abnormal], {"x": x, "y": y2}
-    m = BranchedGAN(classes=FINDINGS, image_size=32, n_branches=2, **TINY_T, **FEW)
+    m = BranchedGAN(classes=FINDINGS, image_size=32, n_branches=2, **TINY_T, fewshot=FEW)
     return m, [m.D], {"x": x, "y": y2}
 
 
@@ -280,8 +280,8 @@ def test_resumed_run_with_the_tools_matches_the_uninterrupted_one(tmp_path) -> N
 
     def make() -> CGAN:
         torch.manual_seed(0)
-        return CGAN(classes=CLASSES, image_size=32, z_dim=8, g_channels=4, d_channels=4, diffaug_adaptive=True,
-                    diffaug_p=0.5, ada_images=16, **FEW)
+        return CGAN(classes=CLASSES, image_size=32, z_dim=8, g_channels=4, d_channels=4,
+                    fewshot={**FEW, "diffaug_adaptive": True, "diffaug_p": 0.5, "ada_images": 16})
 
     logs = LogConfig(progress=False)
     full = make()
