@@ -423,7 +423,10 @@ class TagGAN(nn.Module):
         with torch.no_grad():
             _, y, x_rec = self.forward_cycle(x, c, c_x)
         loss_d, logs = self.discriminator_loss(x, c_x, normals, y, x_rec, generator=generator, kept=kept)
-        step_optimizer(opts["D"], loss_d)
+        if loss_d.requires_grad:
+            step_optimizer(opts["D"], loss_d)
+        # else: without the backward cycle D_Normal is the only critic, and before the first real normal
+        # (none in the batch, the bank still empty) it has nothing to compare with: the G step still runs.
         with frozen(*self._discriminators()):
             loss_g, g_logs = self.generator_loss(x, c_x, c, kept)
             step_optimizer(opts["G"], loss_g)

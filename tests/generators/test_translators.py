@@ -265,6 +265,19 @@ def test_taggan_without_backward_cycle() -> None:
     assert "g_cyc" not in logs and math.isfinite(logs["g_loss"])
 
 
+def test_taggan_without_backward_cycle_trains_before_its_first_normal() -> None:
+    """No normal in the batch and none banked yet: D_Normal has no real to compare, so D waits (it
+    used to raise 'element 0 of tensors does not require grad') while G still steps."""
+    sys_ = make("taggan", use_backward_cycle=False)
+    opts = sys_.configure_optimizers()
+    d_before, g_before = snapshot(sys_.D_normal), snapshot(sys_.G)
+    abnormal = {"x": batch()["x"], "y": torch.ones(4, 3)}
+    logs = sys_.training_step(abnormal, opts, step=0, generator=torch.Generator().manual_seed(0))
+    assert "d_normal" not in logs and math.isfinite(logs["g_loss"])
+    assert not changed(d_before, sys_.D_normal) and changed(g_before, sys_.G)
+    assert "d_normal" in sys_.training_step(batch(), opts, step=1, generator=torch.Generator().manual_seed(1))
+
+
 # -- Branched GANs ------------------------------------------------------------------------------------
 
 
