@@ -344,6 +344,10 @@ def run_all(target: str, payloads: Sequence[dict], runtime: Mapping[str, Any], *
                 except ray.exceptions.RayError as exc:
                     errors.append(exc)
                     continue
+                finally:
+                    # A finished actor gives its CPU/GPU share back at once, so the actors still waiting for
+                    # one start: with more payloads than slots (5 seeds on 2 CPUs) they used to wait forever.
+                    ray.kill(actors[i])
                 if on_result:
                     on_result(i, results[i])
     finally:

@@ -84,3 +84,19 @@ def test_train_on_runtime_local_beside_a_running_head_and_a_stale_address(tmp_pa
     finally:
         cluster.stop()
         cluster.cleanup()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_run_all_with_more_payloads_than_slots_finishes():
+    """Five seeds on two CPUs: each finished actor gives its share back, so the waiting ones start (the
+    actors used to live until the last result, and the ones that never got a slot waited forever)."""
+    pytest.importorskip("ray")
+    rt = local_runtime()
+    rt.update(num_cpus=1, cpus_per_worker=1.0)  # one slot, three payloads
+    try:
+        devices = runtime.run_all("augment.search.worker:worker_device",
+                                  [{"classify": {"device": "cpu"}} for _ in range(3)], rt)
+    finally:
+        runtime.shutdown()
+    assert devices == ["cpu", "cpu", "cpu"]
