@@ -24,6 +24,7 @@ from sklearn.metrics import roc_curve
 
 from augment.common import markdown_table, versions
 from augment.data.sources import load_table
+from augment.metrics.localisation import localisation_markdown
 
 
 STEP_DIRS = ("train", "baseline", "synthetic", "augmented", "evaluate")
@@ -252,6 +253,24 @@ def arms_figure(comparison: dict, arms: list[str], classes: list[str], path: Pat
     return path
 
 
+def _localisation_section(loc: dict, run: Path, figs: Path) -> list[str]:
+    """Evaluate's scores on real lesion ground truth (``evaluate.localisation``): the box and mask
+    tables of each set, and its overlay figure copied beside the report."""
+    srcs = ", ".join(loc.get("sources") or [])
+    md = ["## Localisation on real lesion ground truth", "",
+          f"Mask sources: {srcs}. Every source goes through the same map -> mask rule; `random` is the control "
+          "every source must beat.", ""]
+    for block in localisation_markdown({k: v for k, v in loc.items() if isinstance(v, dict)}):
+        md += [line for line in block.splitlines() if not line.startswith("Overlays: ")] + [""]
+    for name, r in loc.items():
+        fig = Path(r["figure"]) if isinstance(r, dict) and r.get("figure") else None
+        if fig is not None and fig.is_file():
+            dest = figs / f"localisation_{name}.png"
+            dest.write_bytes(fig.read_bytes())
+            md += [f"![localisation overlays: {name}]({dest.relative_to(run)})", ""]
+    return md
+
+
 def build_report(run: Path, cfg: dict, timings: dict[str, float]) -> dict[str, Path]:
     """Write ``report.md`` and ``report.html`` into ``run``; returns their paths."""
     run = Path(run)
@@ -308,6 +327,8 @@ def build_report(run: Path, cfg: dict, timings: dict[str, float]) -> dict[str, P
         rows = [[fam, c, *[_f(m["per_class"][c].get(k)) for k in keys]] for fam, m in ev["masks"].items() for c in m["per_class"]]
         md += ["## Mask quality (translator on the test split)", "",
                markdown_table(rows, ["translator", "finding", "Dice", "IoU", "PoI", "det. AUC", "sens@1FP", "PSNR dB", "identity L1"]), ""]
+    if ev and ev.get("localisation"):
+        md += _localisation_section(ev["localisation"], run, figs)
     rows = [[k, f"{v:.1f}"] for k, v in timings.items()]
     if train:
         rows += [[f"train {m['family']} steps/s", _f(m.get("steps_per_second"))] for m in train["models"].values()]

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from augment.common import markdown_table
+
 THRESHOLDS: tuple[float, ...] = (0.1, 0.25, 0.5)
 _CONNECTIVITY = np.ones((3, 3), dtype=bool)
 
@@ -128,5 +130,50 @@ def box_table(records: Iterable[dict], thresholds: Sequence[float] = THRESHOLDS)
     return out
 
 
-__all__ = ["THRESHOLDS", "accuracy", "box_iou", "box_mask", "box_scores", "box_table", "iobb", "pointing_hit",
-           "region_boxes"]
+#: The box table's columns: (key in a source's per-finding box row, header).
+BOX_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("iobb@0.1", "IoBB>0.1"), ("iobb@0.25", "IoBB>0.25"), ("iobb@0.5", "IoBB>0.5"),
+    ("iou@0.1", "IoU>0.1"), ("iou@0.25", "IoU>0.25"), ("iou@0.5", "IoU>0.5"), ("pointing", "pointing"),
+)
+#: The lesion-mask table's columns: (key in a source's per-finding mask row, header).
+LESION_MASK_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("dice_mean", "Dice"), ("iou_mean", "IoU"), ("poi_mean", "PoI"), ("detection_auc", "det. AUC"),
+    ("lung_containment_mean", "in lungs"), ("n_lesion_images", "n lesion"), ("n_normal_images", "n normal"),
+)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def localisation_markdown(loc: dict) -> list[str]:
+    """The box table and the mask table of each lesion set."""
+    md = []
+    for name, r in loc.items():
+        if not isinstance(r, dict) or "boxes" not in r:
+            continue
+        if r["boxes"]:
+            findings = list(dict.fromkeys(f for t in r["boxes"].values() for f in t))
+            findings = [f for f in findings if f != "mean"] + ["mean"]
+            rows = [[f, src, t[f]["n_boxes"], *[_cell(t[f].get(k)) for k, _ in BOX_COLUMNS]]
+                    for f in findings for src, t in r["boxes"].items() if f in t]
+            md.append(f"### Box localisation: {name} ({r['n_images']} images, {r['n_boxes']} boxes, {r['size']} px; "
+                      "Wang et al. 2017: a box is found when a predicted region's T(IoBB) / IoU exceeds the threshold)\n\n"
+                      + markdown_table(rows, ["finding", "source", "boxes", *[h for _, h in BOX_COLUMNS]]))
+        if r["masks"]:
+            rows = [[f, src, *[_cell(v.get(k)) for k, _ in LESION_MASK_COLUMNS]]
+                    for src, per in r["masks"].items() for f, v in per.items()]
+            md.append(f"### Lesion masks: {name}\n\n" + markdown_table(rows, ["finding", "source",
+                                                                            *[h for _, h in LESION_MASK_COLUMNS]]))
+        if r.get("not_scored"):
+            md.append("Not scored (the classifier has no such output): " + "; ".join(
+                f"{s}: {', '.join(fs)}" for s, fs in r["not_scored"].items()))
+        if r.get("figure"):
+            md.append(f"Overlays: `{r['figure']}`")
+    return md
+
+
+__all__ = ["BOX_COLUMNS", "LESION_MASK_COLUMNS", "THRESHOLDS", "accuracy", "box_iou", "box_mask", "box_scores", "box_table", "iobb", "localisation_markdown",
+           "pointing_hit", "region_boxes"]

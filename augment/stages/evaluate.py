@@ -36,6 +36,7 @@ from augment.data.lesions import LESION_SETS, load_lesion_set
 from augment.errors import UserError
 from augment.jobs.masks import mask_metrics, mask_rule, reference_mask_metrics
 from augment.jobs.saliency import build_sources, localise
+from augment.metrics.localisation import localisation_markdown
 from augment.metrics import fid as F
 from augment.metrics import scores as S
 from augment.models import LATEST, classifier_checkpoint, find_models, sha256, translator_checkpoints
@@ -285,18 +286,6 @@ def _finish(result: dict, md: list[str], out: Path) -> dict:
     return result
 
 
-#: The box table's columns: (key in a source's per-finding box row, header).
-BOX_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("iobb@0.1", "IoBB>0.1"), ("iobb@0.25", "IoBB>0.25"), ("iobb@0.5", "IoBB>0.5"),
-    ("iou@0.1", "IoU>0.1"), ("iou@0.25", "IoU>0.25"), ("iou@0.5", "IoU>0.5"), ("pointing", "pointing"),
-)
-#: The lesion-mask table's columns: (key in a source's per-finding mask row, header).
-LESION_MASK_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("dice_mean", "Dice"), ("iou_mean", "IoU"), ("poi_mean", "PoI"), ("detection_auc", "det. AUC"),
-    ("lung_containment_mean", "in lungs"), ("n_lesion_images", "n lesion"), ("n_normal_images", "n normal"),
-)
-
-
 def localisation(cfg: DictConfig, sets: list[str], models: Path | None, out: Path) -> dict:
     """Scores of the mask sources (``evaluate.sources`` and the translators of ``models``) on the real
     lesion sets ``sets`` (:mod:`augment.jobs.saliency`), with one overlay PNG per set."""
@@ -319,30 +308,3 @@ def localisation(cfg: DictConfig, sets: list[str], models: Path | None, out: Pat
         fig = out / f"localisation_{name}.png" if int(ecfg.overlays) > 0 else None
         result[name] = localise(ls, sources, mask_rule(cfg), n_examples=int(ecfg.overlays), figure=fig)
     return result
-
-
-def localisation_markdown(loc: dict) -> list[str]:
-    """The box table and the mask table of each lesion set."""
-    md = []
-    for name, r in loc.items():
-        if not isinstance(r, dict) or "boxes" not in r:
-            continue
-        if r["boxes"]:
-            findings = list(dict.fromkeys(f for t in r["boxes"].values() for f in t))
-            findings = [f for f in findings if f != "mean"] + ["mean"]
-            rows = [[f, src, t[f]["n_boxes"], *[_fmt(t[f].get(k)) for k, _ in BOX_COLUMNS]]
-                    for f in findings for src, t in r["boxes"].items() if f in t]
-            md.append(f"### Box localisation: {name} ({r['n_images']} images, {r['n_boxes']} boxes, {r['size']} px; "
-                      "Wang et al. 2017: a box is found when a predicted region's T(IoBB) / IoU exceeds the threshold)\n\n"
-                      + markdown_table(rows, ["finding", "source", "boxes", *[h for _, h in BOX_COLUMNS]]))
-        if r["masks"]:
-            rows = [[f, src, *[_fmt(v.get(k)) for k, _ in LESION_MASK_COLUMNS]]
-                    for src, per in r["masks"].items() for f, v in per.items()]
-            md.append(f"### Lesion masks: {name}\n\n" + markdown_table(rows, ["finding", "source",
-                                                                            *[h for _, h in LESION_MASK_COLUMNS]]))
-        if r.get("not_scored"):
-            md.append("Not scored (the classifier has no such output): " + "; ".join(
-                f"{s}: {', '.join(fs)}" for s, fs in r["not_scored"].items()))
-        if r.get("figure"):
-            md.append(f"Overlays: `{r['figure']}`")
-    return md

@@ -116,3 +116,31 @@ def test_a_failed_step_keeps_the_finished_steps_for_the_rerun(tmp_path, monkeypa
     assert "no positive image of Hernia" in err and "the same command resumes" in err and "Traceback" not in err
     assert (out / "train" / "done.json").is_file() and (out / "train" / "models").is_dir()
     assert not (out / "baseline" / "done.json").exists()
+
+
+def test_report_localisation_section_has_the_tables_and_the_overlays(tmp_path):
+    """evaluate.localisation's scores become a report section: the box and mask tables of each set and its
+    overlay figure copied beside the report (the HTML inlines it)."""
+    from augment.report import _localisation_section
+
+    run, figs = tmp_path / "run", tmp_path / "run" / "report_files"
+    figs.mkdir(parents=True)
+    fig = tmp_path / "evaluate" / "localisation_nih_bbox.png"
+    fig.parent.mkdir()
+    fig.write_bytes(b"\x89PNG fake")
+    row = {"n_boxes": 2, "iobb@0.1": 0.5, "iobb@0.25": 0.25, "iobb@0.5": 0.0, "iou@0.1": 0.5, "iou@0.25": 0.0,
+           "iou@0.5": 0.0, "pointing": 0.5}
+    loc = {"sources": ["random", "gradcam"], "seed": 0, "classifier": None, "translators": {},
+           "nih_bbox": {"n_images": 2, "n_boxes": 2, "size": 32, "figure": str(fig), "masks": {},
+                        "boxes": {"random": {"Effusion": row, "mean": row}, "gradcam": {"Effusion": {**row, "pointing": 1.0},
+                                                                                       "mean": row}}},
+           "covidqu_infection": {"n_images": 4, "n_boxes": 0, "size": 32, "boxes": {},
+                                 "masks": {"random": {"Pneumonia": {"dice_mean": 0.2, "detection_auc": 0.5}}}}}
+    md = "\n".join(_localisation_section(loc, run, figs))
+    assert "## Localisation on real lesion ground truth" in md and "Mask sources: random, gradcam" in md
+    assert "### Box localisation: nih_bbox (2 images, 2 boxes, 32 px" in md
+    assert "| Effusion | gradcam | 2 | 0.500 | 0.250 | 0.000 | 0.500 | 0.000 | 0.000 | 1.000 |" in md
+    assert "### Lesion masks: covidqu_infection" in md and "| Pneumonia | random | 0.200 |" in md
+    assert "![localisation overlays: nih_bbox](report_files/localisation_nih_bbox.png)" in md
+    assert (figs / "localisation_nih_bbox.png").read_bytes() == fig.read_bytes()
+    assert "Overlays: `" not in md  # the figure is shown, not its path
