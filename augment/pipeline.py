@@ -42,7 +42,7 @@ STEPS = ("train", "baseline", "generate", "augmented", "evaluate", "report")
 # The configuration sections each step depends on (its hash covers these and every earlier step's).
 DEPENDS = {
     "train": ("data", "classes", "seed", "generator", "translator", "classifier", "train", "run"),
-    "baseline": ("classify",),
+    "baseline": ("classify", "run_baseline"),
     "generate": ("generate", "mask"),
     "augmented": ("run_arms",),
     "evaluate": ("evaluate",),
@@ -54,8 +54,9 @@ FOLDER = {"generate": "synthetic"}
 def step_hashes(cfg: DictConfig) -> dict[str, str]:
     plain = to_dict(cfg)
     run = plain.get("run") or {}
-    plain["run"] = {k: v for k, v in run.items() if k not in ("from_step", "arms", "curve")}  # how to run, not what
+    plain["run"] = {k: v for k, v in run.items() if k not in ("from_step", "arms", "curve", "baseline")}  # how, not what
     plain["run_arms"] = {k: run.get(k) for k in ("arms", "curve")}  # only the comparison depends on these
+    plain["run_baseline"] = run.get("baseline")
     hashes, acc = {}, hashlib.sha256()
     for step in STEPS:
         for key in DEPENDS[step]:
@@ -80,6 +81,9 @@ def run(cfg: DictConfig, out: Path, overrides: list[str] | None = None) -> dict:
     if start and start not in STEPS:
         raise UserError(f"--from {start}: choose one of {', '.join(STEPS)}")
     resolve_classes(cfg.classes)
+    if not rcfg.baseline and not rcfg.arms:
+        raise UserError("run.baseline=false needs the arms (their real arm is the baseline): drop run.baseline=false "
+                        "or set run.arms=[real,synthetic,...]")
     hashes = step_hashes(cfg)
     base_overrides = [o for o in (overrides or []) if not o.startswith(("generator=", "translator=", "out="))]
     timings: dict[str, float] = {}
@@ -110,6 +114,11 @@ def run(cfg: DictConfig, out: Path, overrides: list[str] | None = None) -> dict:
             metrics = train_stage.train(cfg, folder, overrides=[*base_overrides, *fams])
             summary = {f: {"steps_per_second": m.get("steps_per_second"), "seconds": m.get("seconds")}
                        for f, m in metrics["models"].items()}
+        elif step == "baseline" and not rcfg.baseline:
+            step_cfg = cfg
+            metrics = {"skipped": "run.baseline=false: the arms' real arm is the real-only comparison"}
+            summary = metrics
+            print(f"[{step}] skipped: run.baseline=false")
         elif step == "baseline" or (step == "augmented" and not rcfg.arms):
             syn = [str((out / "synthetic").resolve())] if step == "augmented" else []
             step_cfg = _with(cfg, **{"classify.synthetic": syn})
@@ -131,7 +140,8 @@ def run(cfg: DictConfig, out: Path, overrides: list[str] | None = None) -> dict:
         elif step == "evaluate":
             # Domain features and class fidelity from a baseline classifier: trained on the real data only and
             # independent of the pseudo-labeller that selected the synthetic images.
-            feature = sorted((out / "baseline").glob("seed*/best.pt"))
+            feature = (sorted((out / "baseline").glob("seed*/best.pt"))
+                       or sorted((out / "augmented" / "real").glob("seed*/best.pt")))  # run.baseline=false
             step_cfg = _with(cfg, **{"evaluate.models": str(models.resolve()), "evaluate.synthetic": str((out / "synthetic").resolve()),
                                      **({"evaluate.feature_checkpoint": str(feature[0].resolve())} if feature else {})})
             metrics = evaluate_stage.evaluate(step_cfg, folder)

@@ -144,3 +144,18 @@ def test_report_localisation_section_has_the_tables_and_the_overlays(tmp_path):
     assert "![localisation overlays: nih_bbox](report_files/localisation_nih_bbox.png)" in md
     assert (figs / "localisation_nih_bbox.png").read_bytes() == fig.read_bytes()
     assert "Overlays: `" not in md  # the figure is shown, not its path
+
+
+def test_run_without_the_baseline_step_uses_the_real_arm(tmp_path, capsys):
+    """run.baseline=false skips the real-only step (the arms' real arm is that comparison); evaluate takes its
+    domain features from the real arm's seed-0 model; without arms the flag is refused in one line."""
+    out = tmp_path / "nobase"
+    assert main(["run", *RUN, "run.baseline=false", "--out", str(out)]) == 0
+    assert "[baseline] skipped: run.baseline=false" in capsys.readouterr().out
+    assert not list((out / "baseline").glob("seed*"))
+    ev = json.loads((out / "evaluate" / "metrics.json").read_text())
+    assert ev["image_quality"]["feature_checkpoint"] == str((out / "augmented" / "real" / "seed0" / "best.pt").resolve())
+    assert "Arms at an equal training budget" in (out / "report.md").read_text()
+    assert main(["run", *RUN, "run.baseline=false", "run.arms=[]", "--out", str(tmp_path / "bad")]) == 2
+    assert "run.baseline=false needs the arms" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # nothing written
