@@ -349,14 +349,17 @@ class TrainState:
     outputs: dict[str, float] = field(default_factory=dict)  # the last training_step's floats
     batch: dict[str, Tensor] | None = None  # the last batch
     logged: bool = False  # ``metrics`` were refreshed at this step
-    completed: bool = False  # the loop ran to ``max_steps`` without an exception
+    completed: bool = False  # the loop ended without an exception (at ``max_steps``, or early on ``stop``)
+    stop: bool = False  # set by a hook in ``after_step``: end the run after this step (e.g. a time budget);
+    # it ends as completed, so the final checkpoint is written (``done`` False below max_steps: resumable)
 
 
 class HookBase:
     """A piece of work around the loop (detectron2 ``HookBase``).  Hooks run in order at each call.
 
     ``after_train`` runs even when the loop raised (to close files and bars); work that must only
-    follow a finished run checks ``state.completed``.
+    follow a finished run checks ``state.completed``.  A hook ends a run early by setting
+    ``state.stop`` in ``after_step`` (the run then ends as completed, below ``max_steps``).
     """
 
     def before_train(self, state: TrainState) -> None:
@@ -679,6 +682,8 @@ def fit(
             state.step += 1
             for h in all_hooks:
                 h.after_step(state)
+            if state.stop:
+                break
         state.completed = True
     finally:
         for h in all_hooks:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from augment.data.table import DataTable, XrayDataset
 from augment.errors import UserError
 from augment.jobs.classifier import limited_train_indices, train_seed
 from augment.models import checkpoint_step, model_config
-from generators.train import CheckpointConfig, LogConfig, LoopConfig, fit
+from generators.train import CheckpointConfig, HookBase, LogConfig, LoopConfig, fit
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,9 @@ def training_rows(table: DataTable, classes: list[str], split: str = "train") ->
     return idx[(has_sel | healthy) & clean]
 
 
-def train_model(payload: dict) -> dict:
-    """Train one family (``payload``: resolved ``cfg``, ``kind``, ``family``, ``classes``, ``out``)."""
+def train_model(payload: dict, hooks: Sequence[HookBase] = ()) -> dict:
+    """Train one family (``payload``: resolved ``cfg``, ``kind``, ``family``, ``classes``, ``out``);
+    ``hooks`` (in-process callers only, e.g. benchmarks/quality_fewshot.py) go to ``fit``."""
     cfg, kind, family = payload["cfg"], payload["kind"], payload["family"]
     if kind == "classifier":
         return train_labeller(payload)
@@ -67,6 +69,7 @@ def train_model(payload: dict) -> dict:
                                         meta={"model_cfg": mcfg, "classes": mcfg["classes"], "image_size": table.image_size,
                                               "data_fingerprint": table.fingerprint, "kind": kind, "family": family}),
             logs=LogConfig(sample_every=tcfg["sample_every"], progress=bool(cfg["progress"])),
+            hooks=hooks,
         )
     except ValueError as exc:
         if "checkpoint" in str(exc):
