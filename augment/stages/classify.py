@@ -335,6 +335,7 @@ def score_checkpoint(cfg: DictConfig, out: Path) -> dict:
             pred = predict(model, ds, device=device, return_features=False)
             m = evaluate(pred.probs, pred.labels, classes, thr if thr is not None else 0.5)
             per_model.append({"checkpoint": str(f), "seed": (meta.get("extra") or {}).get("seed"),
+                              "steps": (meta.get("extra") or {}).get("steps"),
                               "thresholds_from": "validation" if thr is not None else "0.5 (not stored in this checkpoint)",
                               "test": m})
         stats = {"auc": {c: _stat([p["test"]["auc"][c] for p in per_model]) for c in classes},
@@ -349,14 +350,23 @@ def score_checkpoint(cfg: DictConfig, out: Path) -> dict:
         title = "" if key == "model" else f"{key}: "
         tables.append(f"{title}{len(files)} model(s)\n\n" + markdown_table(
             rows, ["class", "AUC mean ± sd", "accuracy", "F1", "positives", "negatives"]))
+    comparison = None
+    arms = [a for a in armlib.ARMS if a in results]
+    if len(arms) >= 2 and len(arms) == len(results):  # an arms run: the fair comparison again, on this data
+        units = [{"arm": a, "seed": int(p["seed"] if p["seed"] is not None else i), "test": p["test"],
+                  "steps": int(p["steps"] or 0)}
+                 for a in arms for i, p in enumerate(results[a]["models"])]
+        comparison = armlib.compare(units, arms, classes)
+        tables.append("The arms on this data, paired by seed (95 % t-interval over seeds; * = excludes 0):\n\n"
+                      + armlib.table(comparison, arms, classes))
     text = (f"scored {len(ds)} images of data={table.source} ({scope}) at the validation thresholds\n\n"
             + "\n\n".join(tables))
     print(text)
     (out / "scores.md").write_text(text + "\n")
     return {"mode": "score", "checkpoint": str(src.resolve()), "classes": classes, "data": table.source,
             "data_fingerprint": table.fingerprint, "scope": scope, "n": len(ds), "groups": results,
-            "summary": results[next(iter(results))]["summary"], "seconds": time.perf_counter() - t0,
-            "versions": versions()}
+            "summary": results[next(iter(results))]["summary"], "comparison": comparison,
+            "seconds": time.perf_counter() - t0, "versions": versions()}
 
 
 def _stat(values: list[float | None]) -> dict:

@@ -143,7 +143,16 @@ def test_checkpoint_scores_a_folder_per_arm_over_seeds(arms_run, tmp_path, capsy
     unit = next(u for u in m["units"] if u["arm"] == "synthetic" and u["seed"] == 1)
     assert g["models"][1]["test"]["thresholds"] == pytest.approx(unit["thresholds"])
     assert not (tmp_path / "score" / "seed0").exists()  # nothing trained
-    assert "F1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "F1" in out
+    # an arms run is compared again on the scored data: paired by seed, the same rule as the run's own table
+    c = s["comparison"]
+    assert set(c["arms"]) == set(m["arms"]) and c["best_control"] in ("real", "classic", "oversample")
+    d = c["vs_real"]["synthetic"]["mean_auc"]
+    want = [s["groups"]["synthetic"]["models"][i]["test"]["mean_auc"] - s["groups"]["real"]["models"][i]["test"]["mean_auc"]
+            for i in (0, 1)]
+    assert d["values"] == pytest.approx(want)
+    assert "The arms on this data, paired by seed" in out and "| synthetic − real |" in out
 
 
 def test_checkpoint_with_split_column_scores_only_test_rows(arms_run, tmp_path):
