@@ -12,13 +12,16 @@ summary table, then each point's arm table), ``curve.json`` and ``curve.png``.
         --points 20,40,100,all --seeds 0,1,2,3,4 -- experiment=quickstart run.translator=null classify.steps=120
     python benchmarks/quality_curve.py --out runs/curve/phantom --classes ... --table-only   # gather only
 
-Everything after ``--`` is passed to every `augment run` as overrides.
+Everything after ``--`` is passed to every `augment run` as overrides. ``--shift "OVERRIDES"`` also scores
+each point's arm models on another data set (`augment classify --checkpoint <point>/augmented OVERRIDES`,
+e.g. other sites), into ``shift_<point>/``, and adds the same summary for it: evidence that survives a shift.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -47,6 +50,31 @@ def run_point(out: Path, point: str, classes: list[str], seeds: list[int], overr
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     return time.perf_counter() - t0
+
+
+def score_shift(out: Path, point: str, classes: list[str], shift: str) -> None:
+    folder = out / f"shift_{point}"
+    if (folder / "metrics.json").is_file() or not (out / f"positives_{point}" / "augmented" / "metrics.json").is_file():
+        return
+    cmd = [str(Path(sys.executable).with_name("augment")), "classify", "--checkpoint",
+           str(out / f"positives_{point}" / "augmented"), *shlex.split(shift), f"classes=[{','.join(classes)}]",
+           "progress=false", "--out", str(folder)]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def gather_shift(out: Path, points: list[str], g: dict) -> dict:
+    """The shifted scores in the shape ``summary_table`` reads (budgets and counts of the points)."""
+    comparisons = {}
+    n = {}
+    for point in points:
+        path = out / f"shift_{point}" / "metrics.json"
+        if path.is_file() and point in g["comparisons"]:
+            m = json.loads(path.read_text())
+            if m.get("comparison"):
+                comparisons[point] = m["comparison"]
+                n[point] = m["n"]
+    return {**g, "comparisons": comparisons, "scored": n}
 
 
 def gather(out: Path, points: list[str], classes: list[str]) -> dict:
@@ -100,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--points", default="20,40,100,all")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--shift", default="", help="overrides of a second data set to score every point's arms on")
     a = p.parse_args(argv)
     classes = [c.strip() for c in a.classes.split(",") if c.strip()]
     points = [x.strip().lower() for x in a.points.split(",") if x.strip()]
@@ -109,12 +138,21 @@ def main(argv: list[str] | None = None) -> int:
         for point in points:
             took = run_point(a.out, point, classes, seeds, overrides)
             print(f"point {point}: {took:.0f} s", flush=True)
+    if a.shift:
+        for point in points:
+            score_shift(a.out, point, classes, a.shift)
     g = gather(a.out, points, classes)
     if not g["comparisons"]:
         print("no finished point to gather")
         return 1
     text = ["Mean test AUC per arm (mean ± sd over seeds) and synthetic − best control (95 % t-interval; "
             "* = excludes 0):", "", summary_table(g, classes), ""]
+    shifted = gather_shift(a.out, points, g)
+    if shifted["comparisons"]:
+        text += [f"The same models scored on the shifted set ({a.shift or 'see shift_*/config.yaml'}; "
+                 f"{', '.join(f'{p}: {n} images' for p, n in shifted['scored'].items())}):", "",
+                 summary_table(shifted, classes), ""]
+        g["shift"] = {"overrides": a.shift, "comparisons": shifted["comparisons"], "scored": shifted["scored"]}
     for point, tab in g["tables"].items():
         b = g["budgets"][point]
         text += [f"### {point} real positives per class", "",
