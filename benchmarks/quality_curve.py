@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{', '.join(f'{p}: {n} images' for p, n in shifted['scored'].items())}):", "",
                  summary_table(shifted, classes), ""]
         g["shift"] = {"overrides": a.shift, "comparisons": shifted["comparisons"], "scored": shifted["scored"]}
+        armlib.curve_plot(shifted["comparisons"], g["arms"], classes, a.out / "curve_shift.png",
+                          f"the same models on the shifted set ({a.out.name})")
     for point, tab in g["tables"].items():
         b = g["budgets"][point]
         text += [f"### {point} real positives per class", "",

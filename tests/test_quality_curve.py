@@ -47,6 +47,7 @@ def test_curve_runs_each_point_with_its_own_generators_and_gathers_them(tmp_path
     md = (out / "curve.md").read_text()
     assert md.count("| 5 |") == 2 and md.count("| all |") == 2 and "shifted set" in md  # internal and shifted rows
     assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "curve_shift.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
     assert mod.main(argv) == 0  # a rerun trains nothing
     assert "$ " not in capsys.readouterr().out
