@@ -30,6 +30,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from augment.data.labels import NO_FINDING, UnknownClassError, canonical
+from augment.data.sources import read_csv_checked
 from augment.errors import UserError
 
 LESION_SETS: tuple[str, ...] = ("nih_bbox", "covidqu_infection", "jsrt_nodules")
@@ -84,19 +85,6 @@ def subset(ls: LesionSet, rows: np.ndarray) -> LesionSet:
                      lungs=None if ls.lungs is None else ls.lungs[rows],
                      groups=None if ls.groups is None else ls.groups[rows],
                      overlaps_real=None if ls.overlaps_real is None else ls.overlaps_real[rows], size=ls.size)
-
-
-def _csv(path: Path, required: list[str], hint: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise UserError(f"{path} not found: {hint}")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise UserError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise UserError(f"{path} lacks column(s) {', '.join(missing)}: {hint}")
-    return df
 
 
 def _labels(cell: str, where: str) -> tuple[str, ...]:
@@ -200,8 +188,8 @@ def load_nih_bbox(root: Path, *, size: int = 128, limit: int | None = None) -> L
     """``nih_bbox``: images, image-level labels, patient ids and the radiologist boxes."""
     root = Path(root)
     hint = "point evaluate.lesions_root at a copy of cxr-lesions (its nih_bbox/ folder)"
-    lab = _csv(root / "labels.csv", ["file", "labels", "patient_id"], hint)
-    box = _csv(root / "boxes.csv", _BOX_COLUMNS, hint)
+    lab = read_csv_checked(root / "labels.csv", ["file", "labels", "patient_id"], hint)
+    box = read_csv_checked(root / "boxes.csv", _BOX_COLUMNS, hint)
     _check_files(root, list(lab["file"]), root / "labels.csv", "restore the images or use a complete cxr-lesions copy")
     _check_files(root, list(box["file"]), root / "boxes.csv", "restore the images or drop their boxes")
     unknown = sorted(set(box["file"]) - set(lab["file"]))
@@ -246,15 +234,15 @@ def load_covidqu_infection(root: Path, *, size: int = 128, limit: int | None = N
     near-duplicate groups from ``overlaps.csv``."""
     root = Path(root)
     hint = "point evaluate.lesions_root at a copy of cxr-lesions (its covidqu_infection/ folder)"
-    lab = _csv(root / "labels.csv", ["file", "labels", "mask_file"], hint)
-    box = _csv(root / "boxes.csv", _BOX_COLUMNS, hint)
+    lab = read_csv_checked(root / "labels.csv", ["file", "labels", "mask_file"], hint)
+    box = read_csv_checked(root / "boxes.csv", _BOX_COLUMNS, hint)
     files = list(lab["file"])
     _check_files(root, files, root / "labels.csv", "restore the images or use a complete cxr-lesions copy")
     _check_files(root, list(lab["mask_file"]), root / "labels.csv", "restore the masks/ folder")
     _check_files(root, list(box["file"]), root / "boxes.csv", "restore the images or drop their boxes")
     labels = [_labels(c, f"{root / 'labels.csv'}: {f}") for f, c in zip(files, lab["labels"])]
     over = root / "overlaps.csv"
-    pairs = _csv(over, ["file", "other"], hint) if over.is_file() else pd.DataFrame(columns=["file", "other"])
+    pairs = read_csv_checked(over, ["file", "other"], hint) if over.is_file() else pd.DataFrame(columns=["file", "other"])
     groups, real = _duplicate_groups(files, pairs)
     return _finish("covidqu_infection", root, files, root, labels, [""] * len(files), box, root / "boxes.csv",
                    size, limit, masks={"Pneumonia": list(lab["mask_file"])}, groups=groups, overlaps_real=real)
@@ -264,8 +252,8 @@ def load_jsrt_nodules(root: Path, real_root: Path, *, size: int = 128, limit: in
     """``jsrt_nodules``: the JSRT images of ``cxr-real`` (``real_root``) with nodule boxes and lung masks."""
     root, real_root = Path(root), Path(real_root)
     hint = "point evaluate.lesions_root at a copy of cxr-lesions (its jsrt_nodules/ folder)"
-    lab = _csv(root / "labels.csv", ["file", "labels"], hint)
-    box = _csv(root / "boxes.csv", _BOX_COLUMNS, hint)
+    lab = read_csv_checked(root / "labels.csv", ["file", "labels"], hint)
+    box = read_csv_checked(root / "boxes.csv", _BOX_COLUMNS, hint)
     files = list(lab["file"])
     fix = "set evaluate.real_root to the cxr-real folder that holds images/jsrt/"
     _check_files(real_root, files, root / "labels.csv", fix)
@@ -275,7 +263,7 @@ def load_jsrt_nodules(root: Path, real_root: Path, *, size: int = 128, limit: in
     lungs: list[str | None] = [None] * len(files)
     masks_csv = real_root / "masks.csv"
     if masks_csv.is_file():
-        m = _csv(masks_csv, ["file", "mask_file", "structure"], fix)
+        m = read_csv_checked(masks_csv, ["file", "mask_file", "structure"], fix)
         by_file = dict(zip(m.loc[m["structure"] == "lungs", "file"], m.loc[m["structure"] == "lungs", "mask_file"]))
         lungs = [by_file.get(f) for f in files]
         _check_files(real_root, [p for p in lungs if p], masks_csv, "restore cxr-real's masks/ folder")

@@ -70,7 +70,8 @@ def _inside(root: Path, rel: str) -> Path:
     return path
 
 
-def _read_csv(path: Path, required: list[str], hint: str) -> pd.DataFrame:
+def read_csv_checked(path: Path, required: list[str], hint: str) -> pd.DataFrame:
+    """A CSV as strings (no NA parsing); a missing file, an unreadable one or missing columns is one line."""
     if not path.is_file():
         raise UserError(f"{path} not found: {hint}")
     try:
@@ -106,7 +107,7 @@ def list_folder(cfg: Mapping[str, Any]) -> Rows:
     ``masks.csv`` (``file, mask_file, structure``) for anatomy masks."""
     root = _require_root(cfg, "folder")
     csv_name = str(cfg["labels_csv"])
-    df = _read_csv(root / csv_name, ["file"], "the folder source needs a labels.csv with columns file and labels")
+    df = read_csv_checked(root / csv_name, ["file"], "the folder source needs a labels.csv with columns file and labels")
     label_col = "labels" if "labels" in df.columns else ("Finding Labels" if "Finding Labels" in df.columns else None)
     if label_col is None:
         raise UserError(f"{root / csv_name} lacks a labels column: add 'labels' (names joined by |)")
@@ -144,7 +145,7 @@ def list_folder(cfg: Mapping[str, Any]) -> Rows:
     anatomy: dict[str, list[str | None]] = {}
     masks_csv = root / str(cfg["masks_csv"])
     if masks_csv.is_file():
-        mdf = _read_csv(masks_csv, ["file", "mask_file", "structure"], "masks.csv needs file, mask_file, structure")
+        mdf = read_csv_checked(masks_csv, ["file", "mask_file", "structure"], "masks.csv needs file, mask_file, structure")
         index = {f: i for i, f in enumerate(df["file"])}
         for f, m, s in zip(mdf["file"], mdf["mask_file"], mdf["structure"]):
             if f in index:
@@ -179,7 +180,7 @@ def list_nih(cfg: Mapping[str, Any]) -> Rows:
     root = _require_root(cfg, "nih")
     entry = _find_one(root, ["Data_Entry_2017*.csv", "Data_Entry_2017*.csv.gz", "*/Data_Entry_2017*.csv*"],
                       "Data_Entry_2017*.csv", "point data.root at the ChestX-ray14 download")
-    df = _read_csv(entry, ["Image Index", "Finding Labels", "Patient ID"], "this is not a ChestX-ray14 Data_Entry file")
+    df = read_csv_checked(entry, ["Image Index", "Finding Labels", "Patient ID"], "this is not a ChestX-ray14 Data_Entry file")
     dirs = [Path(str(d)).expanduser() for d in (cfg["image_dirs"] or [])]
     dirs = [d if d.is_absolute() else (root / d) for d in dirs]
     dirs += [root, root / "images", *sorted(Path(p) for p in glob.glob(str(root / "images_*" / "images")))]
@@ -247,7 +248,7 @@ def list_chexpert(cfg: Mapping[str, Any]) -> Rows:
             if csv_name == "train.csv":
                 raise UserError(f"{path} not found: point data.root at the CheXpert folder holding train.csv")
             continue
-        df = _read_csv(path, ["Path", *CHEXPERT_MAP], "this is not a CheXpert label file")
+        df = read_csv_checked(path, ["Path", *CHEXPERT_MAP], "this is not a CheXpert label file")
         for _, row in df.iterrows():
             vec = np.full(len(VOCABULARY), np.nan, dtype=np.float32)
             for col, name in CHEXPERT_MAP.items():

@@ -104,6 +104,19 @@ def open_synthetic(dirs: list[str], classes: list[str], threshold: float | None,
     return sets[0] if len(sets) == 1 else ConcatDataset(sets)
 
 
+def _unit_data(cfg: dict, classes: list[str]) -> tuple[Any, Any, XrayDataset, XrayDataset, XrayDataset]:
+    """What every classifier unit trains and is scored on: the table, the device and the train (limited
+    positives), validation and test datasets of the selected rows."""
+    ccfg = cfg["classify"]
+    table = load_table(cfg["data"], show_progress=False)
+    device = pick_device(str(ccfg["device"]))
+    keep = selected_rows(table, classes, str(ccfg["negatives"]))
+    train_ds = XrayDataset(table, keep(limited_train_indices(table, cfg)), classes)
+    val_ds = XrayDataset(table, keep(table.indices("val")), classes)
+    test_ds = XrayDataset(table, keep(table.indices("test")), classes)
+    return table, device, train_ds, val_ds, test_ds
+
+
 def train_seed(payload: dict, on_epoch: Any = None) -> dict:
     """One seed: train (or load) a classifier, evaluate on test. A Ray work unit (plain dict in/out).
 
@@ -113,13 +126,7 @@ def train_seed(payload: dict, on_epoch: Any = None) -> dict:
     cfg, seed, out = payload["cfg"], int(payload["seed"]), Path(payload["out"])
     ccfg = cfg["classify"]
     classes = payload["classes"]
-    table = load_table(cfg["data"], show_progress=False)
-    device = pick_device(str(ccfg["device"]))
-    keep = selected_rows(table, classes, str(ccfg["negatives"]))
-    train_idx = keep(limited_train_indices(table, cfg))
-    train_ds = XrayDataset(table, train_idx, classes)
-    val_ds = XrayDataset(table, keep(table.indices("val")), classes)
-    test_ds = XrayDataset(table, keep(table.indices("test")), classes)
+    table, device, train_ds, val_ds, test_ds = _unit_data(cfg, classes)
     ckpt = out / f"seed{seed}" / "best.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -231,13 +238,7 @@ def train_arm(payload: dict) -> dict:
     classes, steps = payload["classes"], int(payload["steps"])
     slot, classic = SPEC[arm]
     classic = classic or bool(ccfg["augment"])
-    table = load_table(cfg["data"], show_progress=False)
-    device = pick_device(str(ccfg["device"]))
-    keep = selected_rows(table, classes, str(ccfg["negatives"]))
-    train_idx = keep(limited_train_indices(table, cfg))
-    train_ds = XrayDataset(table, train_idx, classes)
-    val_ds = XrayDataset(table, keep(table.indices("val")), classes)
-    test_ds = XrayDataset(table, keep(table.indices("test")), classes)
+    table, device, train_ds, val_ds, test_ds = _unit_data(cfg, classes)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "best.pt"
     t0 = time.perf_counter()
@@ -257,7 +258,7 @@ def train_arm(payload: dict) -> dict:
         if slot == "synthetic":
             part = open_synthetic(payload["synthetic"], classes, ccfg["threshold"], table.image_size)
         else:
-            rows, slot_weights = oversample_rows(table, train_idx, classes, payload["generated"], payload["shares"])
+            rows, slot_weights = oversample_rows(table, train_ds.indices, classes, payload["generated"], payload["shares"])
             part = XrayDataset(table, rows, classes)
         ds, n_slot = MixedDataset(train_ds, part, xi=xi), len(part)
         sampler = MixedBatchSampler(len(train_ds), n_slot, batch_size=batch, ratio=ratio, generator=real_gen,
