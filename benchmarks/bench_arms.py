@@ -47,15 +47,9 @@ from augment.jobs.classifier import classic_augment, slot_share  # noqa: E402
 from classifiers.model import create_classifier  # noqa: E402
 from classifiers.train import masked_bce_with_logits, train_classifier  # noqa: E402
 from cxrbase import collate, to_x  # noqa: E402
+from benchmarks._machine import loadavg  # noqa: E402
 
 CLASSES = ["Edema", "Hernia", "Effusion"]
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "n/a"
 
 
 def synthetic_set(root: Path, table, n: int) -> Path:

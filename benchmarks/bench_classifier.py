@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import statistics
 import sys
 import time
@@ -51,38 +49,13 @@ from augment.data.table import XrayDataset, select_labels  # noqa: E402
 from classifiers.model import count_parameters, create_classifier  # noqa: E402
 from classifiers.train import masked_bce_with_logits  # noqa: E402
 from cxrbase import collate  # noqa: E402
+from benchmarks._machine import loadavg, machine  # noqa: E402
+from augment.common import markdown_table as table  # noqa: E402
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-real"
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def loadavg() -> str:
-    """The 1-minute load average (``/proc/loadavg``), or ``n/a``."""
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "n/a"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}")
-
-
-def table(rows: list[list], header: list[str]) -> str:
-    out = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

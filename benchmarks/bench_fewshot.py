@@ -32,8 +32,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -46,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from augment.config import build, compose, to_dict  # noqa: E402
 from augment.models import model_config  # noqa: E402
+from benchmarks._machine import loadavg, machine  # noqa: E402
 
 POLICY = "fewshot.diffaug=translation\\,cutout\\,brightness\\,contrast"
 VARIANTS = {
@@ -64,25 +63,6 @@ FAMILIES = {  # name -> (config group, config name, extra overrides)
     "branched": ("translator", "branched", []),
 }
 QUICK_WIDTHS = {"g_channels": 4, "d_channels": 4, "g_width": 4, "d_width": 4}
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "n/a"
 
 
 def build_system(family: str, size: int, variant: str, args: argparse.Namespace) -> tuple[nn.Module, dict]:

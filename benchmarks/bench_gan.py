@@ -26,8 +26,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -44,32 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from augment.config import build, compose, to_dict  # noqa: E402
 from augment.models import model_config  # noqa: E402
 from generators.train import LogConfig, LoopConfig, fit  # noqa: E402
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "n/a"
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}")
-
-
-def table(rows: list[list], header: list[str]) -> str:
-    out = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
+from benchmarks._machine import loadavg, machine  # noqa: E402
+from augment.common import markdown_table as table  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

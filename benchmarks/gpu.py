@@ -45,6 +45,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from augment.common import markdown_table as table  # noqa: E402
 
 FAMILIES = [("generator", "cgan"), ("generator", "ucgan"), ("translator", "fixed_point"),
             ("translator", "taggan"), ("translator", "branched")]
@@ -74,12 +75,6 @@ def timed_rate(step: Callable[[], object], device: torch.device, per_step: int, 
 
 def amp_ctx(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def table(rows: list[list], header: list[str]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def cli(*args: str) -> int:
