@@ -160,12 +160,18 @@ FAMILY_GROUPS = {"cgan": "generator", "ucgan": "generator", "fixed_point": "tran
 
 @pytest.mark.parametrize("family", sorted(FAMILY_GROUPS))
 def test_the_fewshot_mapping_of_each_family_yaml_reaches_its_discriminator(family):
-    """The YAML's ``fewshot:`` is handed whole to make_regulariser: off as shipped, on by one override."""
+    """The YAML's ``fewshot:`` is handed whole to make_regulariser: off by override (the CGAN ships with
+    DiffAugment + LeCam 0.1, issue 17's choice; the others ship off), on by one override."""
     from augment.config import build
 
     group = FAMILY_GROUPS[family]
     tiny = [f"{group}={family}", "classifier=tiny"]
-    off = full_cfg(*tiny)[group]
+    shipped = full_cfg(*tiny)[group]["fewshot"]
+    if family == "cgan":
+        assert shipped["diffaug"] == "translation,cutout,brightness,contrast" and shipped["lecam_weight"] == 0.1
+    else:
+        assert shipped["diffaug"] is None and shipped["lecam_weight"] == 0.0
+    off = full_cfg(*tiny, f"{group}.fewshot.diffaug=null", f"{group}.fewshot.lecam_weight=0")[group]
     assert set(off["fewshot"]) == {"diffaug", "diffaug_p", "diffaug_adaptive", "ada_target", "ada_images",
                                    "lecam_weight", "lecam_decay"}
     on = full_cfg(*tiny, f"{group}.fewshot.diffaug=translation", f"{group}.fewshot.lecam_weight=0.25")[group]
