@@ -32,6 +32,8 @@ What trains on what (two folds, so every ``nih_bbox`` image is scored exactly on
   masks).  Scored: Dice / IoU / PoI against the infection masks, detection AUC (max of the map,
   COVID vs normal images), and the box protocol on the masks' component boxes.
 
+The whole-lung reference ``lung_atlas`` (the mean of the 247 JSRT manual lung masks of ``--real``, the same
+map for every image: what "the lung field" scores without looking at the image) is scored on both sets.
 The random control is scored with ``--random-seeds`` seeds (its spread), the CAMs and translators with
 the fold models of one training seed.  The tables print per finding and their mean (unweighted over
 the findings, as Wang et al.'s "mean of 8"); ``--out`` keeps the checkpoints (each translator's last
@@ -73,10 +75,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from augment.config import build, compose, to_dict  # noqa: E402
 from augment.data.labels import NO_FINDING, canonical  # noqa: E402
-from augment.data.lesions import LesionSet, load_lesion_set, subset  # noqa: E402
+from augment.data.lesions import LesionSet, load_lesion_set, lung_atlas, subset  # noqa: E402
 from augment.errors import UserError  # noqa: E402
 from augment.jobs.masks import mask_rule, translate_all  # noqa: E402
-from augment.jobs.saliency import CamMaps, MapSource, RandomMaps, localise  # noqa: E402
+from augment.jobs.saliency import CamMaps, LungAtlasMaps, MapSource, RandomMaps, localise  # noqa: E402
 from augment.metrics.localisation import box_table  # noqa: E402
 from augment.models import load_model, model_config  # noqa: E402
 from classifiers.model import create_classifier, save_checkpoint  # noqa: E402
@@ -400,6 +402,7 @@ def covid_part(args: argparse.Namespace, mask_cfg: dict, families: list[str]) ->
         src.name = f"random (seed {s})"
         sources.append(src)
     sources += [FoldMaps(v, by, fold) for v, by in cams.items()]
+    sources.append(LungAtlasMaps(*lung_atlas(args.real, size=args.size)))
     base = localise(scored, sources, mask_cfg, n_examples=6, figure=args.out / "overlays_covid.png")
     curves = curves_for("covidqu_infection", scored, fold, families, COVID, train_sets, args, mask_cfg, trained_on) \
         if families else {}
@@ -549,12 +552,13 @@ def main(argv: list[str] | None = None) -> int:
     x_real, y_real, dropped, real_labs = real_nih(args.real, set(ls.patient_ids), size,
                                                   limit=QUICK_REAL // 2 if args.quick else None, seed=args.seed)
     y_bbox = multi_hot(ls.labels)
+    atlas = LungAtlasMaps(*lung_atlas(args.real, size=size))  # the whole-lung reference (mean JSRT lung mask)
     info = {"command": "python benchmarks/quality_localisation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "model": args.model, "epochs": args.epochs, "seed": args.seed, "size": size, "mask_rule": mask_cfg,
             "quick": bool(args.quick), "cpu_time": "process CPU time (time.process_time: user + system, all threads)",
             "torch_threads": torch.get_num_threads(),
             "real_nih_images": len(x_real), "real_nih_dropped_overlapping_patients": dropped,
-            "nih_bbox_images": len(ls), "nih_bbox_patients": len(patients), "folds": {}}
+            "nih_bbox_images": len(ls), "nih_bbox_patients": len(patients), "lung_atlas_masks": atlas.n_masks, "folds": {}}
     records: dict[str, list[dict]] = {}
     aucs: dict[str, list] = {f: [] for f in FINDINGS}
     probs_all = np.zeros((len(ls), len(FINDINGS)), np.float32)
@@ -587,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         for s, src in zip(args.random_seeds, sources):
             src.name = f"random (seed {s})"
         sources += [CamMaps(model, FINDINGS, variant=v, layer=args.layer, device=args.device) for v in ("gradcam", "gradcam_pp")]
+        sources.append(atlas)
         r = localise(sub, sources, mask_cfg, n_examples=8 if k == 0 else 0, keep_records=True,
                      figure=args.out / "overlays_fold0.png" if k == 0 else None)
         for name, recs in r["box_records"].items():
@@ -656,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     header = "| finding | boxes | source | " + " | ".join(h for _, h in COLS) + " |"
     lines += ["### nih_bbox: box protocol per finding", "", header, "|" + "---|" * (3 + len(COLS))]
     for f in [*FINDINGS, "mean"]:
-        for name in ("random (mean of seeds)", "gradcam", "gradcam_pp"):
+        for name in ("random (mean of seeds)", "lung_atlas", "gradcam", "gradcam_pp"):
             t = tables[name].get(f)
             if t is not None:
                 lines.append(box_row(f, name, t, spread=name.startswith("random")))
@@ -696,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
 
         lines.append(covid_row("random (mean of seeds)", covid["masks_random"].get("Pneumonia", {}),
                                covid["boxes_random"].get("mean", {}), spread=True))
-        for name in ("gradcam", "gradcam_pp"):
+        for name in ("lung_atlas", "gradcam", "gradcam_pp"):
             lines.append(covid_row(name, covid["masks"].get(name, {}).get("Pneumonia", {}), covid["boxes"].get(name, {}).get("mean", {})))
         for fam, c in covid["translators"].items():
             for m in c["marks"]:

@@ -271,6 +271,27 @@ def load_jsrt_nodules(root: Path, real_root: Path, *, size: int = 128, limit: in
                    limit, lungs=lungs)
 
 
+def lung_atlas(real_root: Path, *, size: int = 128, prefix: str = "images/jsrt/") -> tuple[np.ndarray, int]:
+    """The population lung field: the pixel-wise mean (float32 ``size x size`` in [0, 1]) of the manual
+    lung masks that ``cxr-real/masks.csv`` lists for the images under ``prefix`` (default: the 247 JSRT
+    images, SCR masks), and how many masks it averages.  It is the "whole lung" reference of the
+    localisation tables: what a mask that knows only where lungs usually are scores."""
+    real_root = Path(real_root).expanduser()
+    fix = "set evaluate.real_root to the cxr-real folder (its masks.csv and masks/), or drop lung_atlas from evaluate.sources"
+    path = real_root / "masks.csv"
+    if not path.is_file():
+        raise UserError(f"the lung atlas needs {path}, which does not exist: {fix}")
+    m = read_csv_checked(path, ["file", "mask_file", "structure"], fix)
+    files = list(m.loc[(m["structure"] == "lungs") & m["file"].astype(str).str.startswith(prefix), "mask_file"])
+    if not files:
+        raise UserError(f"{path} lists no lung masks for images under {prefix}: {fix}")
+    _check_files(real_root, files, path, "restore cxr-real's masks/ folder")
+    acc = np.zeros((size, size), np.float64)
+    for f in files:
+        acc += _resize(_read_gray(real_root / f) > 127, size, mask=True)
+    return (acc / len(files)).astype(np.float32), len(files)
+
+
 def load_lesion_set(name: str, lesions_root: Path, real_root: Path | None = None, *, size: int = 128,
                     limit: int | None = None) -> LesionSet:
     """Load one of :data:`LESION_SETS` from the cxr-lesions folder ``lesions_root``."""

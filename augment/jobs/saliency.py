@@ -16,6 +16,9 @@ the same metrics:
   ``alpha^kc_ij = g^2 / (2 g^2 + sum_ab A^k_ab g^3)`` (0 where the denominator is 0),
   ``w_k = sum_ij alpha_ij ReLU(g_ij)``, ``L = ReLU(sum_k w_k A^k)``; ``g = dS_c/dA``.  The per-image
   factor ``exp(S_c)`` is dropped (as pytorch-grad-cam does): it scales the whole map only.
+- ``lung_atlas``: the "whole lung" reference.  The same map for every image and finding: the mean of the
+  JSRT manual lung masks of ``cxr-real`` (:func:`augment.data.lesions.lung_atlas`), so its mask is the
+  population lung field.  It knows nothing of the image; a source that localises must beat it.
 - a translator (``fixed_point``, ...): ``sign(finding) * (x - healed)`` with the image healed to
   ``No Finding`` (:func:`augment.jobs.masks.translate_all`).
 
@@ -52,7 +55,7 @@ from augment.metrics.masks import detection_auc, dice, iou, lung_containment, me
 from cxrbase import to_x
 from generators.masks import MaskRuleError, diff_to_mask, finding_sign
 
-SALIENCY_SOURCES: tuple[str, ...] = ("random", "gradcam", "gradcam_pp")
+SALIENCY_SOURCES: tuple[str, ...] = ("random", "gradcam", "gradcam_pp", "lung_atlas")
 CAM_VARIANTS: tuple[str, ...] = ("gradcam", "gradcam_pp")
 
 
@@ -136,6 +139,21 @@ class RandomMaps(MapSource):
         cells = max(2, round(h / self.cell_px))
         return np.stack([random_map(self.seed, int(k), (h, w), cells) for k in keys]) if len(keys) else \
             np.zeros((0, h, w), np.float32)
+
+
+class LungAtlasMaps(MapSource):
+    """The lung-field reference: one atlas map (``size x size`` in [0, 1]) for every image and finding."""
+
+    name = "lung_atlas"
+
+    def __init__(self, atlas: np.ndarray, n_masks: int = 0) -> None:
+        self.atlas, self.n_masks = np.asarray(atlas, np.float32), int(n_masks)
+
+    def maps(self, images: np.ndarray, finding: str, keys: np.ndarray) -> np.ndarray:
+        if images.shape[1:] != self.atlas.shape:
+            raise UserError(f"the lung atlas is {self.atlas.shape[0]} px but the images are {images.shape[1]} px: "
+                            "build it at evaluate.localisation_size")
+        return np.broadcast_to(self.atlas, images.shape).astype(np.float32)
 
 
 class CamMaps(MapSource):
@@ -394,9 +412,11 @@ def overlay_figure(ls: LesionSet, examples: dict[tuple[int, str], dict], names: 
 # --------------------------------------------------------------------------------------- builders
 def build_sources(names: Sequence[str], *, seed: int, size: int, classifier: Path | None = None,
                   translators: dict[str, Path] | None = None, layer: str | None = None,
-                  random_cell_px: int = 16, batch_size: int = 32, device: str | torch.device = "cpu") -> list[MapSource]:
+                  random_cell_px: int = 16, batch_size: int = 32, device: str | torch.device = "cpu",
+                  real_root: Path | None = None) -> list[MapSource]:
     """The map sources ``names`` (of :data:`SALIENCY_SOURCES`) and every translator of ``translators``
-    (``{family: checkpoint}``), refusing a source whose model is missing or of another image size."""
+    (``{family: checkpoint}``), refusing a source whose model is missing or of another image size;
+    ``lung_atlas`` reads the lung masks of ``real_root`` (cxr-real)."""
     unknown = [n for n in names if n not in SALIENCY_SOURCES]
     if unknown:
         raise UserError(f"unknown mask source(s) {', '.join(unknown)} in evaluate.sources: use "
@@ -425,6 +445,13 @@ def build_sources(names: Sequence[str], *, seed: int, size: int, classifier: Pat
     for n in names:
         if n == "random":
             out.append(RandomMaps(seed, random_cell_px))
+        elif n == "lung_atlas":
+            if real_root is None:
+                raise UserError("mask source lung_atlas needs the cxr-real lung masks: set evaluate.real_root, or drop "
+                                "lung_atlas from evaluate.sources")
+            from augment.data.lesions import lung_atlas
+
+            out.append(LungAtlasMaps(*lung_atlas(real_root, size=size)))
         else:
             out.append(CamMaps(model, classes, variant=n, layer=layer, batch_size=batch_size, device=device))
     if translators:

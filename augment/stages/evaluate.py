@@ -294,11 +294,11 @@ def localisation(cfg: DictConfig, sets: list[str], models: Path | None, out: Pat
     classifier = Path(str(ecfg.classifier)).expanduser() if ecfg.classifier else (
         classifier_checkpoint(models) if models is not None else None)
     translators = translator_checkpoints(models) if models is not None else {}
+    real_root = Path(str(ecfg.real_root)) if ecfg.real_root else None
     sources = build_sources([str(s) for s in ecfg.sources], seed=int(cfg.seed), size=size, classifier=classifier,
                             translators=translators, layer=ecfg.gradcam_layer, random_cell_px=int(ecfg.random_cell_px),
-                            batch_size=int(ecfg.batch_size), device=_device(ecfg))
+                            batch_size=int(ecfg.batch_size), device=_device(ecfg), real_root=real_root)
     limit = None if ecfg.limit is None else int(ecfg.limit)
-    real_root = Path(str(ecfg.real_root)) if ecfg.real_root else None
     result: dict[str, Any] = {"classifier": str(classifier) if classifier else None,
                               "translators": {k: str(v) for k, v in translators.items()},
                               "sources": [s.name for s in sources], "seed": int(cfg.seed)}

@@ -253,3 +253,54 @@ def test_localise_with_lung_masks_reports_containment_and_detection_without_pixe
     assert r["masks"]["oracle"]["Nodule"]["lung_containment_mean"] == 0.0
     assert r["masks"]["oracle"]["Effusion"]["detection_auc"] == 1.0 and r["masks"]["oracle"]["Nodule"]["n_normal_images"] == 1
     assert "dice_mean" not in r["masks"]["oracle"]["Effusion"]
+
+
+# ------------------------------------------------------------------------------------- lung atlas
+def _fake_real_root(tmp_path, masks):
+    """A cxr-real-shaped folder with ``masks`` (name -> bool array) as JSRT lung masks, plus one heart mask
+    and one non-JSRT lung mask that the atlas must ignore."""
+    from PIL import Image
+
+    rows = []
+    (tmp_path / "masks").mkdir()
+    for name, m in {**masks, "heart": np.ones((16, 16), bool), "other": np.ones((16, 16), bool)}.items():
+        Image.fromarray(m.astype(np.uint8) * 255).save(tmp_path / "masks" / f"{name}.png")
+        file = f"images/covid_x/{name}.png" if name == "other" else f"images/jsrt/{name}.png"
+        rows.append({"file": file, "mask_file": f"masks/{name}.png", "structure": "heart" if name == "heart" else "lungs"})
+    pd.DataFrame(rows).to_csv(tmp_path / "masks.csv", index=False)
+    return tmp_path
+
+
+def test_lung_atlas_is_the_mean_of_the_jsrt_lung_masks_and_the_same_map_for_every_image(tmp_path):
+    from augment.data.lesions import lung_atlas
+    from augment.jobs.saliency import LungAtlasMaps, build_sources
+
+    left, right = np.zeros((16, 16), bool), np.zeros((16, 16), bool)
+    left[:, :8], right[:, 4:12] = True, True
+    root = _fake_real_root(tmp_path, {"a": left, "b": right})
+    atlas, n = lung_atlas(root, size=16)
+    assert n == 2  # the heart mask and the non-JSRT lung mask are not averaged
+    assert atlas.dtype == np.float32
+    assert np.allclose(atlas[:, :4], 0.5) and np.allclose(atlas[:, 4:8], 1.0) and np.allclose(atlas[:, 8:12], 0.5)
+    assert np.allclose(atlas[:, 12:], 0.0)
+    src = build_sources(["lung_atlas"], seed=0, size=16, real_root=root)[0]
+    assert isinstance(src, LungAtlasMaps) and src.name == "lung_atlas" and src.n_masks == 2
+    imgs = np.random.default_rng(0).integers(0, 255, (3, 16, 16), dtype=np.uint8)
+    maps = src.maps(imgs, "Mass", np.arange(3))
+    assert maps.shape == (3, 16, 16) and all(np.array_equal(m, atlas) for m in maps)
+    # the mask rule on the atlas gives the population lung field: its core, not its edge
+    assert maps_to_masks(maps[:1], RULE, src.normalise)[0][:, 4:8].all()
+
+
+def test_lung_atlas_without_its_masks_is_one_clear_error(tmp_path):
+    from augment.data.lesions import lung_atlas
+    from augment.errors import UserError
+    from augment.jobs.saliency import build_sources
+
+    with pytest.raises(UserError, match="needs the cxr-real lung masks"):
+        build_sources(["lung_atlas"], seed=0, size=16, real_root=None)
+    with pytest.raises(UserError, match="masks.csv, which does not exist"):
+        lung_atlas(tmp_path, size=16)
+    root = _fake_real_root(tmp_path, {})
+    with pytest.raises(UserError, match="no lung masks for images under images/jsrt/"):
+        lung_atlas(root, size=16)

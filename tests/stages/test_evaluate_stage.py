@@ -66,6 +66,7 @@ def test_evaluate_refuses_a_set_with_too_few_images(models, synthetic, tmp_path,
 
 # ----------------------------------------------------------------------- localisation on real lesions
 CXR_LESIONS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cxr-lesions"
+CXR_REAL = CXR_LESIONS.parent / "cxr-real"
 FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax"]
 LOC = ["progress=false", "evaluate.localisation_size=32", "evaluate.limit=4", "evaluate.gradcam_layer=layer2"]
 
@@ -102,10 +103,11 @@ def test_evaluate_localisation_smoke_tables_for_every_source(models, lesions, tm
     out = tmp_path / "loc"
     assert main(["evaluate", *GEN, *LOC, "--models", str(models), "--out", str(out),
                  "--localisation", "nih_bbox,covidqu_infection", f"evaluate.lesions_root={lesions}",
-                 f"evaluate.classifier={ck}"]) == 0
+                 f"evaluate.classifier={ck}", "evaluate.sources=[random,gradcam,gradcam_pp,lung_atlas]",
+                 f"evaluate.real_root={CXR_REAL}"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     loc = m["localisation"]
-    assert loc["sources"] == ["random", "gradcam", "gradcam_pp", "fixed_point"] and loc["classifier"] == str(ck)
+    assert loc["sources"] == ["random", "gradcam", "gradcam_pp", "lung_atlas", "fixed_point"] and loc["classifier"] == str(ck)
     nih = loc["nih_bbox"]
     assert nih["n_images"] == 4 and nih["size"] == 32
     for src in loc["sources"]:
@@ -149,6 +151,7 @@ def _nih_copy(root: Path, box=(1, 1, 4, 4), drop_image: bool = False) -> Path:
     (["evaluate.sources=[random,gradcam]"], "mask source gradcam needs a trained classifier"),
     (["evaluate.localisation=[nih_bbox,chexlocalize]"], "unknown set(s) chexlocalize"),
     (["evaluate.sources=[random,scorecam]"], "unknown mask source(s) scorecam"),
+    (["evaluate.sources=[random,lung_atlas]", "evaluate.real_root=/no/such/cxr-real"], "masks.csv, which does not exist"),
     (["evaluate.classifier=/no/such/best.pt"], "cannot load the classifier for gradcam"),
     (["BOX"], "lies outside its 32 x 32 image"),
     (["MISSING"], "are missing"),
