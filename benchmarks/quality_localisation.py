@@ -333,7 +333,7 @@ def curves_for(set_name: str, scored: LesionSet, fold: np.ndarray, families: lis
     return out
 
 
-def covid_part(args: argparse.Namespace, mask_cfg: dict, families: list[str]) -> dict:
+def covid_part(args: argparse.Namespace, mask_cfg: dict, families: list[str], atlas: MapSource) -> dict:
     """``covidqu_infection``: folds by near-duplicate group; classifier (1 output), CAMs, random and the
     translators' curves, pooled over the folds."""
     ls = load_lesion_set("covidqu_infection", args.lesions, size=args.size)
@@ -402,7 +402,7 @@ def covid_part(args: argparse.Namespace, mask_cfg: dict, families: list[str]) ->
         src.name = f"random (seed {s})"
         sources.append(src)
     sources += [FoldMaps(v, by, fold) for v, by in cams.items()]
-    sources.append(LungAtlasMaps(*lung_atlas(args.real, size=args.size)))
+    sources.append(atlas)
     base = localise(scored, sources, mask_cfg, n_examples=6, figure=args.out / "overlays_covid.png")
     curves = curves_for("covidqu_infection", scored, fold, families, COVID, train_sets, args, mask_cfg, trained_on) \
         if families else {}
@@ -634,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
                             tr_trained_on)
     covid = None
     if args.covid:
-        covid = covid_part(args, mask_cfg, args.families)
+        covid = covid_part(args, mask_cfg, args.families, atlas)
         covid["boxes_random"] = random_mean(covid["boxes"])
         covid["masks_random"] = mask_mean(covid["masks"])
         info["trained_on"]["covidqu_infection"] = covid["trained_on"]
